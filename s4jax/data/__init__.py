@@ -1,0 +1,1 @@
+"""Input data: datasets, host-side weak transforms and grain pipelines."""

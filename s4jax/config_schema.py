@@ -1,0 +1,176 @@
+"""The one place that lists every config key, its default and what values it accepts.
+
+Config files (`configs/*.py`) start from `default_config()` and change what differs. The
+returned ConfigDict is locked, so a misspelt key in a config file fails at once; command-line
+overrides of unknown keys are refused by ml_collections' config_flags. `validate` checks
+values and raises `ConfigError` with the key, the value and what to do.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+from s4jax.errors import ConfigError  # noqa: F401  (re-exported: configs catch it here)
+
+from s4jax.models.resnet import OUTPUT_STRIDES
+from s4jax.models.segmenter import BACKBONES
+
+DATASETS = ("shapes",)
+COMPUTE_DTYPES = ("float32", "bfloat16")
+EVAL_MODES = ("whole", "sliding")
+OPTIMIZERS = ("sgd",)
+BEST_METRICS = ("eval/teacher_miou", "eval/student_miou")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Defaults shared by every experiment (the supervised demo on shapes)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+  # Global (all devices, all hosts) number of labelled images per step.
+  c.batch_size = 8
+  c.log_every = 50
+  c.eval_every = 250
+  c.checkpoint_every = 250
+  # Checkpoints kept besides the best one.
+  c.keep_checkpoints = 2
+  # Number of validation examples drawn into the prediction grid at each evaluation.
+  c.num_visualised = 6
+
+  c.model = ml_collections.ConfigDict()
+  c.model.backbone = "resnet50"
+  c.model.output_stride = 16
+  c.model.deep_stem = False
+  # Base channel count of the ResNet (64 in the standard networks).
+  c.model.width = 64
+  c.model.aspp_channels = 256
+  c.model.decoder_channels = 256
+  # Dropout after the ASPP projection (UniMatch's decoder uses 0.5 there; 0 = off).
+  c.model.aspp_dropout = 0.0
+  # Compute dtype; parameters, optimizer state and BN statistics stay float32.
+  c.model.dtype = "float32"
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "shapes"
+  # Dataset directory on disk (unused by the embedded shapes dataset).
+  c.data.root = ""
+  c.data.crop_size = 64
+  c.data.scale_range = (0.5, 2.0)
+  c.data.labelled_fraction = 1.0
+  # Seed of the dataset content (synthetic data) and of the labelled/unlabelled split; kept
+  # apart from `seed` so runs with different training seeds see the same labelled set.
+  c.data.split_seed = 0
+  # grain worker processes per host (0 = decode in the main process).
+  c.data.num_workers = 0
+  # Embedded synthetic dataset only.
+  c.data.image_size = 96
+  c.data.num_train = 2000
+  c.data.num_val = 200
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "sgd"
+  # Learning rate of the backbone at the global batch size above.
+  c.optim.lr = 0.01
+  c.optim.head_lr_multiplier = 10.0
+  c.optim.momentum = 0.9
+  c.optim.weight_decay = 1e-4
+  # Poly decay lr * (1 - t / T) ** power, per step.
+  c.optim.poly_power = 0.9
+
+  c.teacher = ml_collections.ConfigDict()
+  # EMA decay d of the teacher: d_t = min(1 - 1/(t+1), d). 0 = the teacher is the student.
+  c.teacher.ema_decay = 0.99
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.mode = "whole"
+  # Sliding-window size and stride in pixels (mode "sliding"); 0 = crop_size and 2/3 of it.
+  c.eval.window = 0
+  c.eval.stride = 0
+  # Global number of validation images per evaluation batch.
+  c.eval.batch_size = 8
+  # The evaluation metric that decides which checkpoint is kept as the best.
+  c.eval.best_metric = "eval/teacher_miou"
+
+  c.lock()
+  return c
+
+
+def _require(condition: bool, key: str, value, expected: str) -> None:
+  if not condition:
+    raise ConfigError(
+        f"config.{key}={value!r} is not valid: expected {expected}. "
+        f"Fix it in the config file or override it with --config.{key}=...")
+
+
+def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
+             process_count: int = 1) -> None:
+  """Raises ConfigError for the first value that cannot work."""
+  m, d, o, e = config.model, config.data, config.optim, config.eval
+  _require(m.backbone in BACKBONES, "model.backbone", m.backbone, f"one of {BACKBONES}")
+  _require(m.output_stride in OUTPUT_STRIDES, "model.output_stride", m.output_stride,
+           f"one of {OUTPUT_STRIDES}")
+  _require(0 <= m.aspp_dropout < 1, "model.aspp_dropout", m.aspp_dropout, "a number in [0, 1)")
+  _require(m.dtype in COMPUTE_DTYPES, "model.dtype", m.dtype, f"one of {COMPUTE_DTYPES}")
+  for key in ("width", "aspp_channels", "decoder_channels"):
+    value = m[key]
+    _require(isinstance(value, int) and value > 0, f"model.{key}", value, "a positive integer")
+  _require(d.name in DATASETS, "data.name", d.name, f"one of {DATASETS}")
+  _require(isinstance(d.crop_size, int) and d.crop_size > 0, "data.crop_size", d.crop_size,
+           "a positive integer")
+  _require(0.0 < d.labelled_fraction <= 1.0, "data.labelled_fraction", d.labelled_fraction,
+           "a number in (0, 1]")
+  lo, hi = d.scale_range
+  _require(0 < lo <= hi, "data.scale_range", tuple(d.scale_range), "(low, high) with 0 < low <= high")
+  _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "an integer >= 0")
+  for key in ("total_steps", "batch_size", "log_every", "eval_every", "checkpoint_every",
+              "keep_checkpoints"):
+    value = config[key]
+    _require(isinstance(value, int) and value > 0, key, value, "a positive integer")
+  _require(config.num_visualised >= 0, "num_visualised", config.num_visualised, "an integer >= 0")
+  _require(config.batch_size % num_devices == 0, "batch_size", config.batch_size,
+           f"a multiple of the number of devices ({num_devices})")
+  _require(config.eval.batch_size > 0 and config.eval.batch_size % num_devices == 0,
+           "eval.batch_size", config.eval.batch_size,
+           f"a positive multiple of the number of devices ({num_devices})")
+  _require(config.batch_size % process_count == 0, "batch_size", config.batch_size,
+           f"a multiple of the number of processes ({process_count})")
+  _require(o.name in OPTIMIZERS, "optim.name", o.name, f"one of {OPTIMIZERS}")
+  _require(o.lr > 0, "optim.lr", o.lr, "a positive learning rate")
+  _require(o.head_lr_multiplier > 0, "optim.head_lr_multiplier", o.head_lr_multiplier,
+           "a positive number")
+  _require(0 <= o.momentum < 1, "optim.momentum", o.momentum, "a number in [0, 1)")
+  _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0")
+  _require(o.poly_power >= 0, "optim.poly_power", o.poly_power, "a number >= 0")
+  _require(0 <= config.teacher.ema_decay < 1, "teacher.ema_decay", config.teacher.ema_decay,
+           "a number in [0, 1)")
+  _require(e.best_metric in BEST_METRICS, "eval.best_metric", e.best_metric,
+           f"one of {BEST_METRICS}")
+  _require(e.mode in EVAL_MODES, "eval.mode", e.mode, f"one of {EVAL_MODES}")
+  _require(e.window >= 0 and e.stride >= 0, "eval.window/eval.stride", (e.window, e.stride),
+           "sizes >= 0 (0 = derived from data.crop_size)")
+
+
+def eval_window(config) -> tuple[int, int]:
+  """Sliding-window size and stride, defaulting to the crop and 2/3 of it."""
+  window = config.eval.window or config.data.crop_size
+  stride = config.eval.stride or max(1, (2 * window) // 3)
+  return window, stride
+
+
+# Keys that only change how a run is watched or fed, not what it computes: a workdir may be
+# resumed with different values for these.
+OPERATIONAL_KEYS = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+                    "num_visualised", "data.num_workers", "data.root", "eval.batch_size")
+
+
+def sibling_config(config_path: str, filename: str) -> ml_collections.ConfigDict:
+  """Loads `get_config()` of another config file in the same folder (a shared base).
+
+  Config files are loaded by path, not as a package, so they cannot import each other.
+  """
+  path = os.path.join(os.path.dirname(os.path.abspath(config_path)), filename)
+  spec = importlib.util.spec_from_file_location(f"s4jax_config_{filename[:-3]}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()

@@ -1,0 +1,255 @@
+"""The training loop: build, restore or initialise, step, log, evaluate, checkpoint.
+
+The loop itself holds no maths: losses and updates live in `step.py`, evaluation maths in
+`evaluate.py`. Everything here runs the same on one CPU, 8 simulated devices or a TPU slice;
+only process 0 writes logs, images and config records.
+"""
+
+import functools
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from jax.experimental import multihost_utils
+
+from s4jax import checkpointing
+from s4jax import config_schema
+from s4jax import evaluate
+from s4jax import logs
+from s4jax import optim
+from s4jax import sharding
+from s4jax import state as state_lib
+from s4jax import step as step_lib
+from s4jax import viz
+from s4jax import workdir as workdir_lib
+from s4jax.data import datasets
+from s4jax.data import pipeline
+from s4jax.errors import NonFiniteLossError, UserInputError
+from s4jax.models import segmenter
+
+
+class Run:
+  """Everything a run builds once: mesh, data, model, compiled steps, state, checkpoints."""
+
+  def __init__(self, config, workdir: str, *, overwrite: bool = False):
+    self.config = config
+    self.workdir = workdir
+    self.mesh = sharding.make_mesh()
+    self.process_index = jax.process_index()
+    self.process_count = jax.process_count()
+    config_schema.validate(config, num_devices=self.mesh.size, process_count=self.process_count)
+    self.is_writer = self.process_index == 0
+    status = workdir_lib.prepare(workdir, config, overwrite=overwrite, is_writer=self.is_writer)
+    if status.startswith("moved:"):
+      logging.info("Moved the previous run in %s to %s", workdir, status.split(":", 1)[1])
+
+    self.data = datasets.build(config.data)
+    self.model = segmenter.build_segmenter(config.model, self.data.num_classes)
+    self.tx = optim.make_optimizer(config.optim, config.total_steps)
+    self.lr_schedule = optim.lr_schedule(config.optim, config.total_steps)
+
+    crop = config.data.crop_size
+    init_fn = functools.partial(state_lib.init_state, self.model, self.tx,
+                                image_shape=(1, crop, crop, 3))
+    # Initialise directly on the replicated sharding: no host copy of the parameters.
+    self._init_state = jax.jit(init_fn, out_shardings=sharding.replicated(self.mesh))
+
+    self.iterators = {"labelled": pipeline.make_train_iterator(
+        self.data.train_source, self.data.labelled_indices,
+        batch_size=config.batch_size // self.process_count, crop_size=crop,
+        seed=config.seed, kind="labelled", scale_range=tuple(config.data.scale_range),
+        process_index=self.process_index, process_count=self.process_count,
+        num_workers=config.data.num_workers)}
+
+    self.checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints,
+                                                   iterator_names=tuple(self.iterators))
+    self.train_step = step_lib.make_train_step(self.model, self.tx, config, self.mesh)
+    self.eval_step = step_lib.make_eval_step(self.model, config, self.data.num_classes,
+                                             self.mesh)
+    self.predict = step_lib.make_predict_fn(self.model, self.mesh)
+    self.writer = logs.MetricWriter(workdir, enabled=self.is_writer)
+    self.param_norm = jax.jit(optax.tree.norm)
+
+  def initial_state(self):
+    return self._init_state(jax.random.key(self.config.seed))
+
+  def restore_or_init(self):
+    """The latest checkpoint of this workdir (iterators restored in place) or a fresh state."""
+    state = self.initial_state()
+    restored = self.checkpointer.restore_latest(state, self.iterators)
+    return state if restored is None else restored
+
+  def next_batch(self) -> dict:
+    return sharding.host_to_global(next(self.iterators["labelled"]), self.mesh)
+
+  # ---- evaluation ------------------------------------------------------------------------
+  def eval_batches(self):
+    return pipeline.make_eval_batches(
+        self.data.val_source, global_batch_size=self.config.eval.batch_size,
+        process_index=self.process_index, process_count=self.process_count, pad_multiple=32)
+
+  def evaluate(self, state) -> tuple[dict, dict]:
+    """mIoU of student and teacher over the whole validation set.
+
+    Returns the flat metrics to log and the full scores per model ("student", "teacher").
+    """
+    confusions = {"student": None, "teacher": None}
+    variables = {"student": state.student_variables(), "teacher": state.teacher_variables()}
+    for local in self.eval_batches():
+      batch = sharding.host_to_global(local, self.mesh)
+      for who in confusions:
+        conf = self.eval_step(variables[who], batch["image"], batch["mask"])
+        confusions[who] = conf if confusions[who] is None else confusions[who] + conf
+    results, all_scores = {}, {}
+    for who, conf in confusions.items():
+      scores = all_scores[who] = evaluate.iou_from_confusion(np.asarray(conf))
+      results[f"eval/{who}_miou"] = scores["miou"]
+      results[f"eval/{who}_pixel_accuracy"] = scores["pixel_accuracy"]
+      for name, iou in zip(self.data.class_names, scores["iou"]):
+        results[f"eval/{who}_iou/{name}"] = iou
+    return results, all_scores
+
+  def prediction_grid(self, state) -> np.ndarray | None:
+    """image | ground truth | student | teacher for the first validation images."""
+    count = self.config.num_visualised
+    if count == 0:
+      return None
+    local = next(iter(self.eval_batches()))
+    batch = sharding.host_to_global(local, self.mesh)
+    preds = {who: multihost_utils.process_allgather(self.predict(v, batch["image"]), tiled=True)
+             for who, v in (("student", state.student_variables()),
+                            ("teacher", state.teacher_variables()))}
+    images = multihost_utils.process_allgather(batch["image"], tiled=True)
+    masks = multihost_utils.process_allgather(batch["mask"], tiled=True)
+    palette = viz.make_palette(self.data.num_classes)
+    rows = []
+    for i in range(min(count, images.shape[0])):
+      if np.all(masks[i] == 255):
+        break  # dummy padding rows of a short last batch
+      rows.append([images[i], viz.colorize(masks[i], palette),
+                   viz.colorize(preds["student"][i], palette),
+                   viz.colorize(preds["teacher"][i], palette)])
+    return viz.image_grid(rows) if rows else None
+
+
+def _kept(last_saved, workdir) -> str:
+  if last_saved is None:
+    return "no checkpoint had been saved yet."
+  return (f"the last good checkpoint (step {last_saved}) is kept in "
+          f"{os.path.join(workdir, 'checkpoints')}.")
+
+
+def _fetch_mean(sums: dict, count: int) -> dict:
+  return {k: float(v) / count for k, v in jax.device_get(sums).items()}
+
+
+def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
+                       stop_after: int | None = None) -> dict:
+  """Trains to `config.total_steps`, resuming if the workdir has a checkpoint.
+
+  `stop_after` ends this invocation early at that step (with a checkpoint), e.g. to fit a
+  time-limited session; running again continues. Returns the last evaluation metrics, the
+  best record ("best") and the final state ("state").
+  """
+  run = Run(config, workdir, overwrite=overwrite)
+  state = run.restore_or_init()
+  start_step = int(jax.device_get(state.step))
+  total = config.total_steps if stop_after is None else min(stop_after, config.total_steps)
+  if start_step:
+    logging.info("Resuming %s from step %d.", workdir, start_step)
+  logging.info("Training %s: %d labelled images, %d classes, %d devices, steps %d..%d.",
+               config.model.backbone, len(run.data.labelled_indices), run.data.num_classes,
+               run.mesh.size, start_step, total)
+
+  progress = logs.Progress(total, start_step)
+  sums, count = None, 0
+  last_saved = run.checkpointer.latest_step()
+  final_eval, final_scores = {}, {}
+  for step in range(start_step, total):
+    state, metrics = run.train_step(state, run.next_batch())
+    # Running sums stay on device: no host sync on the steps between logs.
+    sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+    count += 1
+    done = step + 1
+    is_last = done == total
+    should_log = done % config.log_every == 0 or is_last
+    should_ckpt = done % config.checkpoint_every == 0 or is_last
+    should_eval = done % config.eval_every == 0 or done == config.total_steps
+    if should_log or should_ckpt or should_eval:
+      means = _fetch_mean(sums, count)
+      sums, count = None, 0
+      if not all(math.isfinite(v) for v in means.values()):
+        run.checkpointer.wait()
+        raise NonFiniteLossError(
+            f"A loss became NaN or infinite between steps {done - config.log_every} and "
+            f"{done} ({', '.join(f'{k}={v}' for k, v in means.items())}). Training stopped; "
+            f"{_kept(last_saved, workdir)} Lower optim.lr, or check the data.")
+      means["train/lr"] = float(run.lr_schedule(step))
+      speed = progress.update(done)
+      if speed["steps_per_sec"] is not None:  # unknown at the first log of an invocation
+        means["train/steps_per_sec"] = speed["steps_per_sec"]
+      run.writer.write_scalars(done, means)
+      logging.info("%s", progress.format_line(done, means, lr=means["train/lr"]))
+    if should_eval:
+      t0 = time.monotonic()
+      final_eval, final_scores = run.evaluate(state)
+      final_eval["eval/seconds"] = time.monotonic() - t0
+      run.writer.write_scalars(done, final_eval)
+      name = config.eval.best_metric
+      if run.checkpointer.save_best(done, state, name, final_eval[name]):
+        final_eval["eval/is_best"] = 1.0
+      logging.info("eval @%d: student mIoU %.2f, teacher mIoU %.2f (%.1fs)", done,
+                   100 * final_eval["eval/student_miou"], 100 * final_eval["eval/teacher_miou"],
+                   final_eval["eval/seconds"])
+      grid = run.prediction_grid(state)
+      if grid is not None:
+        run.writer.write_images(done, {"predictions": grid})
+      progress.update(done)  # keep evaluation time out of the steps/s figure
+    if should_ckpt:
+      # The losses can be finite while the update that followed them overflowed.
+      if not math.isfinite(float(run.param_norm(state.params))):
+        run.checkpointer.wait()
+        raise NonFiniteLossError(
+            f"The parameters became NaN or infinite at step {done}. Training stopped; "
+            f"{_kept(last_saved, workdir)} Lower optim.lr, or check the data.")
+      run.checkpointer.save(done, state, run.iterators)
+      last_saved = done
+  run.checkpointer.wait()
+  run.writer.flush()
+  best = run.checkpointer.best_record()
+  if final_eval:
+    logging.info("Final: student mIoU %.2f, teacher mIoU %.2f; best %s %.2f at step %s.",
+                 100 * final_eval["eval/student_miou"], 100 * final_eval["eval/teacher_miou"],
+                 best["metric"] if best else "-", 100 * best["value"] if best else float("nan"),
+                 best["step"] if best else "-")
+    logging.info("Per-class IoU (teacher):\n%s",
+                 evaluate.format_iou_table(final_scores["teacher"], run.data.class_names))
+  run.writer.close()
+  run.checkpointer.close()
+  return {**final_eval, "best": best, "state": state}
+
+
+def evaluate_only(config, workdir: str, *, which: str = "best") -> dict:
+  """Evaluates the best (or latest) checkpoint of `workdir` without training."""
+  run = Run(config, workdir)
+  template = run.initial_state()
+  state = (run.checkpointer.restore_best(template) if which == "best"
+           else run.checkpointer.restore_latest(template, {}))
+  if state is None:
+    raise UserInputError(
+        f"No {which} checkpoint in {workdir}; train first with --mode=train.")
+  results, scores = run.evaluate(state)
+  logging.info("Per-class IoU (teacher):\n%s",
+               evaluate.format_iou_table(scores["teacher"], run.data.class_names))
+  step = int(jax.device_get(state.step))
+  logging.info("eval of the %s checkpoint (step %d): student mIoU %.2f, teacher mIoU %.2f",
+               which, step, 100 * results["eval/student_miou"],
+               100 * results["eval/teacher_miou"])
+  run.writer.close()
+  run.checkpointer.close()
+  return results

@@ -1,0 +1,93 @@
+"""A workdir belongs to one run: its config is recorded on first use and checked on reuse.
+
+Resuming with the same config (operational keys such as `log_every` may differ) continues
+the run. A different config is refused, because continuing someone else's checkpoints with
+new settings silently mixes two experiments. `--overwrite` moves the old run aside
+(`<workdir>.old-<time>`); nothing is deleted.
+"""
+
+import json
+import os
+import time
+
+import ml_collections
+
+from s4jax import config_schema
+from s4jax.errors import WorkdirConflictError
+
+CONFIG_FILE = "config.json"
+
+
+def _flatten(d, prefix=""):
+  out = {}
+  for key, value in d.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict):
+      out.update(_flatten(value, name + "."))
+    else:
+      out[name] = list(value) if isinstance(value, tuple) else value
+  return out
+
+
+def config_as_dict(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def differing_keys(old: dict, new: dict) -> list[str]:
+  """Keys whose values differ, ignoring the operational ones."""
+  a, b = _flatten(old), _flatten(new)
+  keys = sorted(set(a) | set(b))
+  return [k for k in keys
+          if a.get(k, "<absent>") != b.get(k, "<absent>")
+          and k not in config_schema.OPERATIONAL_KEYS]
+
+
+def prepare(workdir: str, config, *, overwrite: bool = False, is_writer: bool = True) -> str:
+  """Creates or checks `workdir`; returns "new", "resume" or "moved:<path>".
+
+  Raises WorkdirConflictError if the workdir holds a run with a different config and
+  `overwrite` is False.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  new = config_as_dict(config)
+  status = "new"
+  if os.path.exists(path):
+    with open(path) as f:
+      try:
+        old = json.load(f)
+      except json.JSONDecodeError as e:
+        raise WorkdirConflictError(
+            f"{path} is not valid JSON ({e}); this workdir's run cannot be identified. "
+            "Use another --workdir, or pass --overwrite to move it aside.") from e
+    diff = differing_keys(old, new)
+    if not diff:
+      status = "resume"
+    elif not overwrite:
+      shown = "\n".join(f"  {k}: {_flatten(old).get(k, '<absent>')!r} -> "
+                        f"{_flatten(new).get(k, '<absent>')!r}" for k in diff[:12])
+      raise WorkdirConflictError(
+          f"The workdir {workdir} holds a run with a different config ({len(diff)} keys "
+          f"differ):\n{shown}\nNothing was changed. Use another --workdir, or pass "
+          "--overwrite to move the old run to a sibling folder and start afresh.")
+    else:
+      moved = f"{os.path.abspath(workdir).rstrip(os.sep)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+      if is_writer:
+        os.rename(workdir, moved)
+      status = f"moved:{moved}"
+  elif overwrite and os.path.isdir(workdir) and os.listdir(workdir) and is_writer:
+    # Something is there without a config record: keep it, out of the way.
+    moved = f"{os.path.abspath(workdir).rstrip(os.sep)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.rename(workdir, moved)
+    status = f"moved:{moved}"
+  elif os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(
+      os.path.join(workdir, "checkpoints")):
+    raise WorkdirConflictError(
+        f"The workdir {workdir} has checkpoints but no {CONFIG_FILE}, so it cannot be checked "
+        "against this config. Use another --workdir, or pass --overwrite to move it aside.")
+  if is_writer:
+    os.makedirs(workdir, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(new, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+  return status
