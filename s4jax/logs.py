@@ -297,6 +297,7 @@ class Progress:
     for name, value in scalars.items():
       short = name[len("train/"):] if name.startswith("train/") else name
       shown[short] = value
+    shown.pop("steps_per_sec", None)  # The rate gets its own field below.
     if lr is not None:
       shown.pop("lr", None)  # The explicit lr gets its own field below.
     for name in sorted(shown):

@@ -8,6 +8,8 @@ Bad input (config values, workdir conflicts, data, checkpoints) ends with one me
 stderr and exit status 2, not a traceback.
 """
 
+import logging as logging_lib
+import os
 import sys
 
 import jax
@@ -40,6 +42,17 @@ _STOP_AFTER = flags.DEFINE_integer(
     "For time-limited sessions (Colab, preemptible VMs).")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
 
+class _LibraryInfoFilter(logging_lib.Filter):
+  """Drops INFO records of orbax and grain: a dozen lines per checkpoint drown the progress."""
+
+  _QUIET = (f"{os.sep}orbax{os.sep}", f"{os.sep}grain{os.sep}")
+
+  def filter(self, record):
+    if record.levelno <= logging_lib.INFO and any(q in record.pathname for q in self._QUIET):
+      return False
+    return True
+
+
 def _fail(message: str) -> None:
   print(f"s4jax: error: {message}", file=sys.stderr)
   sys.exit(2)
@@ -55,6 +68,7 @@ def main(argv):
   if _DISTRIBUTED.value or _COORDINATOR.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value)
   logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   try:
     if _MODE.value == "train":
       results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,

@@ -54,7 +54,28 @@ class _IndexOutOfRangeError(IndexError, ValueError):
 
 
 def _random_colour(rng: np.random.Generator) -> np.ndarray:
-  return rng.uniform(0.0, 255.0, size=3)
+  """A saturated, fairly bright colour of any hue: the palette objects are painted from.
+
+  Hue is uniform and independent of the class, so colour never identifies a shape; the
+  saturation gap to the background only makes "is this an object" learnable in a few
+  hundred CPU steps, leaving "which shape" as the hard part.
+  """
+  hue = rng.uniform(0.0, 6.0)
+  saturation = rng.uniform(0.55, 1.0)
+  value = rng.uniform(150.0, 255.0)
+  # HSV -> RGB for one colour.
+  sector, frac = int(hue) % 6, hue - int(hue)
+  p = value * (1.0 - saturation)
+  q = value * (1.0 - saturation * frac)
+  t = value * (1.0 - saturation * (1.0 - frac))
+  rgb = [(value, t, p), (q, value, p), (p, value, t), (p, q, value), (t, p, value),
+         (value, p, q)][sector]
+  return np.asarray(rgb, dtype=np.float64)
+
+
+def _background_colour(rng: np.random.Generator) -> np.ndarray:
+  """A greyish colour (grey level plus a weak tint): backgrounds and clutter."""
+  return np.clip(rng.uniform(40.0, 200.0) + rng.uniform(-30.0, 30.0, size=3), 0.0, 255.0)
 
 
 def _smooth_noise(
@@ -100,8 +121,8 @@ def _draw_background(
     rng: np.random.Generator, size: int, ys: np.ndarray, xs: np.ndarray
 ) -> np.ndarray:
   """Float RGB background: gradient, optional pattern, blotches, distractors."""
-  colour_a = _random_colour(rng)
-  colour_b = _random_colour(rng)
+  colour_a = _background_colour(rng)
+  colour_b = _background_colour(rng)
   ramp = _linear_ramp(rng, ys, xs)[..., None]
   image = colour_a * (1.0 - ramp) + colour_b * ramp
 
@@ -109,11 +130,11 @@ def _draw_background(
     # Low-contrast pattern: visible clutter that should not look like objects.
     pattern = _periodic_pattern(rng, ys, xs, size)[..., None]
     strength = rng.uniform(0.1, 0.45)
-    image = image + strength * (_random_colour(rng) - image) * pattern
+    image = image + strength * (_background_colour(rng) - image) * pattern
 
   if rng.random() < 0.7:
     blotches = _smooth_noise(rng, size, grid=int(rng.integers(3, 7)), channels=3)
-    image = image + rng.uniform(40.0, 110.0) * (blotches - 0.5)
+    image = image + rng.uniform(20.0, 60.0) * (blotches - 0.5)
 
   image = np.clip(image, 0.0, 255.0).astype(np.uint8)
   return _draw_distractors(rng, image, size).astype(np.float32)
@@ -129,7 +150,7 @@ def _draw_distractors(
     points = rng.uniform(0.0, size, size=(int(rng.integers(2, 5)), 2))
     draw.line(
         [tuple(p) for p in points],
-        fill=tuple(int(c) for c in _random_colour(rng)),
+        fill=tuple(int(c) for c in _background_colour(rng)),
         width=int(rng.integers(1, 3)),
     )
   for _ in range(int(rng.integers(0, 3))):
@@ -142,7 +163,8 @@ def _draw_distractors(
     points = centre + radii[:, None] * np.stack(
         [np.cos(angles), np.sin(angles)], axis=1
     )
-    colour = _random_colour(rng)
+    # Mostly background-like clutter; one blob in four is as vivid as an object.
+    colour = _random_colour(rng) if rng.random() < 0.25 else _background_colour(rng)
     draw.polygon([tuple(p) for p in points], fill=tuple(int(c) for c in colour))
   return np.asarray(canvas)
 

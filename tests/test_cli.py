@@ -1,0 +1,76 @@
+"""The command line end to end, and its messages for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "shapes_supervised.py")
+TINY = [
+    "--config.total_steps=2", "--config.log_every=1", "--config.eval_every=2",
+    "--config.checkpoint_every=2", "--config.model.width=8", "--config.model.aspp_channels=16",
+    "--config.model.decoder_channels=16", "--config.data.crop_size=32",
+    "--config.data.image_size=48", "--config.data.num_train=32", "--config.data.num_val=8",
+    "--config.eval.batch_size=8", "--config.num_visualised=2",
+]
+
+
+def _cli(*args, timeout=300):
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # one device: what a user gets by default
+  return subprocess.run([sys.executable, "-m", "s4jax.main", *args], capture_output=True,
+                        text=True, timeout=timeout, cwd=REPO, env=env)
+
+
+def test_cli_trains_evaluates_and_resumes(tmp_path):
+  workdir = str(tmp_path / "run")
+  done = _cli(f"--config={CONFIG}", f"--workdir={workdir}", *TINY)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "final student mIoU" in done.stdout
+  records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [r["step"] for r in records if "train/loss" in r] == [1, 2]
+  assert any("eval/teacher_miou" in r for r in records)
+  # eval mode reads the best checkpoint
+  evaluated = _cli(f"--config={CONFIG}", f"--workdir={workdir}", "--mode=eval", *TINY)
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert "eval of the best checkpoint (step 2)" in evaluated.stderr
+
+
+@pytest.mark.parametrize("override, key", [
+    ("--config.model.backbone=resnet7", "model.backbone"),
+    ("--config.optim.lr=-0.1", "optim.lr"),
+    ("--config.data.crop_size=0", "data.crop_size"),
+    ("--config.teacher.ema_decay=1.0", "teacher.ema_decay"),
+])
+def test_bad_config_value_gives_one_message(tmp_path, override, key):
+  done = _cli(f"--config={CONFIG}", f"--workdir={tmp_path}", override)
+  assert done.returncode == 2
+  assert f"s4jax: error: config.{key}=" in done.stderr
+  assert "Traceback" not in done.stderr
+  assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+
+
+def test_unknown_config_key_names_the_key(tmp_path):
+  done = _cli(f"--config={CONFIG}", f"--workdir={tmp_path}", "--config.model.backbnoe=resnet50")
+  assert done.returncode != 0
+  assert "backbnoe" in done.stderr
+  assert "Traceback" not in done.stderr
+
+
+def test_missing_config_file_names_the_path(tmp_path):
+  done = _cli("--config=configs/nope.py", f"--workdir={tmp_path}")
+  assert done.returncode != 0
+  assert "nope.py" in done.stderr
+  assert "Traceback" not in done.stderr
+
+
+def test_workdir_conflict_is_one_message_and_changes_nothing(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps({"seed": 1, "model": {"backbone": "x"}}))
+  done = _cli(f"--config={CONFIG}", f"--workdir={tmp_path}", *TINY)
+  assert done.returncode == 2
+  assert "holds a run with a different config" in done.stderr
+  assert "--overwrite" in done.stderr
+  assert sorted(os.listdir(tmp_path)) == ["config.json"]
