@@ -61,7 +61,15 @@ def _fail(message: str) -> None:
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; use --flag=value.")
-  if _CONFIG.value is None:
+  try:
+    # config_flags loads the file and applies the overrides lazily: touch it here so a bad
+    # path or key fails now, as one message.
+    config = _CONFIG.value
+    if config is not None:
+      config.to_dict()
+  except Exception as e:  # pylint: disable=broad-except
+    _fail_config(e, sys.argv)
+  if config is None:
     _fail("--config is required, e.g. --config=configs/shapes_supervised.py")
   if not _WORKDIR.value:
     _fail("--workdir is required, e.g. --workdir=runs/demo")
@@ -71,11 +79,11 @@ def main(argv):
   logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   try:
     if _MODE.value == "train":
-      results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+      results = train.train_and_evaluate(config, _WORKDIR.value,
                                          overwrite=_OVERWRITE.value,
                                          stop_after=_STOP_AFTER.value)
     else:
-      results = train.evaluate_only(_CONFIG.value, _WORKDIR.value)
+      results = train.evaluate_only(config, _WORKDIR.value)
   except errors.UserInputError as e:
     _fail(str(e))
   if jax.process_index() == 0 and "eval/student_miou" in results:
@@ -83,8 +91,27 @@ def main(argv):
           f"teacher mIoU {100 * results['eval/teacher_miou']:.2f}")
 
 
+def _parse_flags(argv):
+  """absl's parser, but a bad config path or unknown config key is one message, not a
+  traceback (config_flags raises plain exceptions for those)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(f"{e}")
+  except Exception as e:  # pylint: disable=broad-except
+    _fail_config(e, argv)
+
+
+def _fail_config(error: Exception, argv) -> None:
+  detail = " ".join(str(error).replace("\\n", " ").replace("\\'", "'").split()).strip("'\"")
+  overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+  _fail(f"cannot build the config from the command line ({type(error).__name__}: {detail}). "
+        f"Check the --config=... path and the overrides {overrides or '(none)'}; every key "
+        "is listed in s4jax/config_schema.py.")
+
+
 def run():
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":
