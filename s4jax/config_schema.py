@@ -20,6 +20,7 @@ DATASETS = ("shapes",)
 COMPUTE_DTYPES = ("float32", "bfloat16")
 EVAL_MODES = ("whole", "sliding")
 OPTIMIZERS = ("sgd",)
+METHODS = ("supervised", "fixmatch", "unimatch", "unimatch_v2")
 BEST_METRICS = ("eval/teacher_miou", "eval/student_miou")
 
 
@@ -27,9 +28,15 @@ def default_config() -> ml_collections.ConfigDict:
   """Defaults shared by every experiment (the supervised demo on shapes)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # "supervised" (labelled images only) or a semi-supervised method: "fixmatch",
+  # "unimatch" (V1: feature perturbation + two strong views) or "unimatch_v2"
+  # (complementary channel dropout on two strong views). METHODS.md §0.
+  c.method = "supervised"
   c.total_steps = 1000
   # Global (all devices, all hosts) number of labelled images per step.
   c.batch_size = 8
+  # Global number of unlabelled images per step (semi-supervised methods); 0 = batch_size.
+  c.unlabelled_batch_size = 0
   c.log_every = 50
   c.eval_every = 250
   c.checkpoint_every = 250
@@ -77,6 +84,27 @@ def default_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 1e-4
   # Poly decay lr * (1 - t / T) ** power, per step.
   c.optim.poly_power = 0.9
+
+  c.semi = ml_collections.ConfigDict()
+  # Confidence threshold tau of the pseudo-labels (UniMatch: 0.95 on VOC and COCO).
+  c.semi.threshold = 0.95
+  # UniMatch V1 feature perturbation: Dropout2d rate on the encoder features.
+  c.semi.fp_dropout = 0.5
+
+  # Device-side strong augmentation of unlabelled images (METHODS.md §0).
+  c.augment = ml_collections.ConfigDict()
+  c.augment.brightness = 0.5
+  c.augment.contrast = 0.5
+  c.augment.saturation = 0.5
+  c.augment.hue = 0.25
+  c.augment.jitter_p = 0.8
+  c.augment.grayscale_p = 0.2
+  c.augment.blur_p = 0.5
+  c.augment.blur_sigma = (0.1, 2.0)
+  c.augment.cutmix_p = 0.5
+  # Box area as a fraction of the crop, and aspect ratio (height / width) range.
+  c.augment.cutmix_area = (0.02, 0.4)
+  c.augment.cutmix_aspect = (0.3, 1 / 0.3)
 
   c.teacher = ml_collections.ConfigDict()
   # EMA decay d of the teacher: d_t = min(1 - 1/(t+1), d). 0 = the teacher is the student.
@@ -142,6 +170,30 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   _require(0 <= o.momentum < 1, "optim.momentum", o.momentum, "a number in [0, 1)")
   _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0")
   _require(o.poly_power >= 0, "optim.poly_power", o.poly_power, "a number >= 0")
+  _require(config.method in METHODS, "method", config.method, f"one of {METHODS}")
+  _require(0.0 <= config.semi.threshold <= 1.0, "semi.threshold", config.semi.threshold,
+           "a confidence in [0, 1]")
+  _require(0.0 <= config.semi.fp_dropout < 1.0, "semi.fp_dropout", config.semi.fp_dropout,
+           "a rate in [0, 1)")
+  ub = config.unlabelled_batch_size
+  _require(isinstance(ub, int) and ub >= 0, "unlabelled_batch_size", ub,
+           "an integer >= 0 (0 = batch_size)")
+  _require(unlabelled_batch_size(config) % num_devices == 0 and
+           unlabelled_batch_size(config) % process_count == 0, "unlabelled_batch_size", ub,
+           f"a multiple of the number of devices ({num_devices}) and processes "
+           f"({process_count}); 0 means batch_size")
+  a = config.augment
+  for key in ("brightness", "contrast", "saturation"):
+    _require(a[key] >= 0, f"augment.{key}", a[key], "a number >= 0")
+  _require(0 <= a.hue <= 0.5, "augment.hue", a.hue, "a number in [0, 0.5]")
+  for key in ("jitter_p", "grayscale_p", "blur_p", "cutmix_p"):
+    _require(0 <= a[key] <= 1, f"augment.{key}", a[key], "a probability in [0, 1]")
+  _require(0 < a.blur_sigma[0] <= a.blur_sigma[1], "augment.blur_sigma", tuple(a.blur_sigma),
+           "(low, high) with 0 < low <= high")
+  _require(0 < a.cutmix_area[0] <= a.cutmix_area[1] <= 1, "augment.cutmix_area",
+           tuple(a.cutmix_area), "(low, high) with 0 < low <= high <= 1")
+  _require(0 < a.cutmix_aspect[0] <= a.cutmix_aspect[1], "augment.cutmix_aspect",
+           tuple(a.cutmix_aspect), "(low, high) with 0 < low <= high")
   _require(0 <= config.teacher.ema_decay < 1, "teacher.ema_decay", config.teacher.ema_decay,
            "a number in [0, 1)")
   _require(e.best_metric in BEST_METRICS, "eval.best_metric", e.best_metric,
@@ -149,6 +201,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   _require(e.mode in EVAL_MODES, "eval.mode", e.mode, f"one of {EVAL_MODES}")
   _require(e.window >= 0 and e.stride >= 0, "eval.window/eval.stride", (e.window, e.stride),
            "sizes >= 0 (0 = derived from data.crop_size)")
+
+
+def unlabelled_batch_size(config) -> int:
+  """Global unlabelled batch (0 in the config means: as many as labelled)."""
+  return config.unlabelled_batch_size or config.batch_size
 
 
 def eval_window(config) -> tuple[int, int]:

@@ -29,7 +29,7 @@ from s4jax import viz
 from s4jax import workdir as workdir_lib
 from s4jax.data import datasets
 from s4jax.data import pipeline
-from s4jax.errors import NonFiniteLossError, UserInputError
+from s4jax.errors import ConfigError, NonFiniteLossError, UserInputError
 from s4jax.models import segmenter
 
 
@@ -59,12 +59,29 @@ class Run:
     # Initialise directly on the replicated sharding: no host copy of the parameters.
     self._init_state = jax.jit(init_fn, out_shardings=sharding.replicated(self.mesh))
 
-    self.iterators = {"labelled": pipeline.make_train_iterator(
-        self.data.train_source, self.data.labelled_indices,
-        batch_size=config.batch_size // self.process_count, crop_size=crop,
-        seed=config.seed, kind="labelled", scale_range=tuple(config.data.scale_range),
-        process_index=self.process_index, process_count=self.process_count,
-        num_workers=config.data.num_workers)}
+    self.semi_supervised = config.method != "supervised"
+    if self.semi_supervised and len(self.data.unlabelled_indices) == 0:
+      raise ConfigError(
+          f"config.method={config.method!r} needs unlabelled images, but the unlabelled set is "
+          f"empty (config.data.labelled_fraction={config.data.labelled_fraction}). Lower the "
+          "labelled fraction, give an unlabelled list, or use --config.method=supervised.")
+    stream = functools.partial(
+        pipeline.make_train_iterator, self.data.train_source, crop_size=crop, seed=config.seed,
+        scale_range=tuple(config.data.scale_range), process_index=self.process_index,
+        process_count=self.process_count, num_workers=config.data.num_workers)
+    self.iterators = {"labelled": stream(
+        self.data.labelled_indices, batch_size=config.batch_size // self.process_count,
+        kind="labelled")}
+    if self.semi_supervised:
+      self.unlabelled_batch_size = config_schema.unlabelled_batch_size(config)
+      self.iterators["unlabelled"] = stream(
+          self.data.unlabelled_indices,
+          batch_size=self.unlabelled_batch_size // self.process_count, kind="unlabelled")
+      local = self.unlabelled_batch_size // self.mesh.size
+      if local % 2:
+        logging.warning(
+            "%d unlabelled images per device: CutMix pairs example 2i with 2i+1 on each device, "
+            "so the last one mixes with itself. An even number per device avoids this.", local)
 
     self.checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints,
                                                    iterator_names=tuple(self.iterators))
@@ -85,7 +102,21 @@ class Run:
     return state if restored is None else restored
 
   def next_batch(self) -> dict:
-    return sharding.host_to_global(next(self.iterators["labelled"]), self.mesh)
+    """The labelled batch, plus the unlabelled one under `u_*` keys (semi-supervised)."""
+    local = dict(next(self.iterators["labelled"]))
+    if self.semi_supervised:
+      unlabelled = next(self.iterators["unlabelled"])
+      local["u_image"] = unlabelled["image"]
+      local["u_valid"] = unlabelled["valid"]
+      if "mask" in unlabelled and self.data.unlabelled_has_masks:
+        local["u_mask"] = unlabelled["mask"]  # diagnostics only, never a training target
+    return sharding.host_to_global(local, self.mesh)
+
+  def epoch(self, step: int) -> float:
+    """Passes over the unlabelled set (semi-supervised) or the labelled set so far."""
+    if self.semi_supervised:
+      return step * self.unlabelled_batch_size / len(self.data.unlabelled_indices)
+    return step * self.config.batch_size / len(self.data.labelled_indices)
 
   # ---- evaluation ------------------------------------------------------------------------
   def eval_batches(self):
@@ -145,7 +176,15 @@ def _kept(last_saved, workdir) -> str:
 
 
 def _fetch_mean(sums: dict, count: int) -> dict:
-  return {k: float(v) / count for k, v in jax.device_get(sums).items()}
+  """Means of the summed step metrics; confusion matrices become the mIoU they give."""
+  means = {}
+  for key, value in jax.device_get(sums).items():
+    if key.endswith("_confusion"):
+      means[key[:-len("_confusion")] + "_miou"] = evaluate.iou_from_confusion(
+          np.asarray(value, np.int64))["miou"]
+    else:
+      means[key] = float(value) / count
+  return means
 
 
 def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
@@ -183,13 +222,14 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
     if should_log or should_ckpt or should_eval:
       means = _fetch_mean(sums, count)
       sums, count = None, 0
-      if not all(math.isfinite(v) for v in means.values()):
+      if not all(math.isfinite(v) for k, v in means.items() if k.startswith("train/loss")):
         run.checkpointer.wait()
         raise NonFiniteLossError(
             f"A loss became NaN or infinite between steps {done - config.log_every} and "
             f"{done} ({', '.join(f'{k}={v}' for k, v in means.items())}). Training stopped; "
             f"{_kept(last_saved, workdir)} Lower optim.lr, or check the data.")
       means["train/lr"] = float(run.lr_schedule(step))
+      means["train/epoch"] = run.epoch(done)
       speed = progress.update(done)
       if speed["steps_per_sec"] is not None:  # unknown at the first log of an invocation
         means["train/steps_per_sec"] = speed["steps_per_sec"]
