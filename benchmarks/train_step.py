@@ -21,6 +21,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from s4jax import config_schema
 from s4jax import optim
 from s4jax import sharding
 from s4jax import state as state_lib
@@ -35,8 +36,13 @@ _NUM_CLASSES = flags.DEFINE_integer("num_classes", 21, "Classes of the segmentat
 def random_batch(config, rng):
   """A host batch with the keys the train step of this config reads."""
   n, c = config.batch_size, config.data.crop_size
-  return {"image": rng.integers(0, 256, (n, c, c, 3), dtype=np.uint8),
-          "mask": rng.integers(0, _NUM_CLASSES.value, (n, c, c), dtype=np.uint8)}
+  batch = {"image": rng.integers(0, 256, (n, c, c, 3), dtype=np.uint8),
+           "mask": rng.integers(0, _NUM_CLASSES.value, (n, c, c), dtype=np.uint8)}
+  if config.method != "supervised":
+    nu = config_schema.unlabelled_batch_size(config)
+    batch["u_image"] = rng.integers(0, 256, (nu, c, c, 3), dtype=np.uint8)
+    batch["u_valid"] = np.ones((nu, c, c), np.uint8)
+  return batch
 
 
 def main(argv):
@@ -68,13 +74,15 @@ def main(argv):
   median = statistics.median(times)
   peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
-  print(f"config: backbone={config.model.backbone} width={config.model.width} "
+  print(f"config: method={config.method} backbone={config.model.backbone} width={config.model.width} "
         f"crop={crop} batch={config.batch_size} dtype={config.model.dtype} "
         f"devices={mesh.size} ({jax.devices()[0].platform})")
   print(f"compile time      {compile_s:8.2f} s")
   print(f"median step time  {median:8.3f} s   (min {min(times):.3f}, max {max(times):.3f}, "
         f"{len(times)} steps)")
-  print(f"throughput        {config.batch_size / median:8.2f} labelled images/s")
+  unlabelled = (f" + {config_schema.unlabelled_batch_size(config) / median:.2f} unlabelled"
+                if config.method != "supervised" else "")
+  print(f"throughput        {config.batch_size / median:8.2f} labelled{unlabelled} images/s")
   if mem is not None:
     total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
              - mem.alias_size_in_bytes)

@@ -22,9 +22,9 @@ def get_config():
   config.model.decoder_channels = 128
   config.batch_size = 8
   config.optim.lr = 0.01
-  config.total_steps = 1000
+  config.total_steps = 3000
   config.log_every = 50
-  config.eval_every = 250
-  config.checkpoint_every = 250
+  config.eval_every = 500
+  config.checkpoint_every = 500
   config.eval.batch_size = 40
   return config
