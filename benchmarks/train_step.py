@@ -10,7 +10,6 @@ Memory: XLA's compiled-program estimate (arguments + outputs + temporaries) and 
 peak resident size. Measure on an idle machine: other load shifts the medians.
 """
 
-import functools
 import resource
 import statistics
 import time
@@ -52,9 +51,7 @@ def main(argv):
   model = segmenter.build_segmenter(config.model, _NUM_CLASSES.value)
   tx = optim.make_optimizer(config.optim, config.total_steps)
   crop = config.data.crop_size
-  init = jax.jit(functools.partial(state_lib.init_state, model, tx, image_shape=(1, crop, crop, 3)),
-                 out_shardings=sharding.replicated(mesh))
-  state = init(jax.random.key(0))
+  state = state_lib.init_on_mesh(model, tx, mesh, (1, crop, crop, 3), seed=0)
   batch = sharding.host_to_global(random_batch(config, np.random.default_rng(0)), mesh)
   train_step = step_lib.make_train_step(model, tx, config, mesh)
 

@@ -5,12 +5,15 @@ step closes over them. Keeping the state pure data lets orbax save it as it is a
 `jax.jit` shard and donate it.
 """
 
+import functools
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
 import optax
+
+from s4jax import sharding
 
 
 @flax.struct.dataclass
@@ -45,6 +48,13 @@ def init_state(model, tx, rng, image_shape, aux=None) -> TrainState:
       ema_batch_stats=jax.tree.map(jnp.copy, batch_stats),
       aux={} if aux is None else aux,
   )
+
+
+def init_on_mesh(model, tx, mesh, image_shape, seed: int, aux=None) -> TrainState:
+  """`init_state` compiled straight onto the mesh's replicated sharding (no host copy)."""
+  init = jax.jit(functools.partial(init_state, model, tx, image_shape=image_shape, aux=aux),
+                 out_shardings=sharding.replicated(mesh))
+  return init(jax.random.key(seed))
 
 
 def ema_decay_at(step, decay):

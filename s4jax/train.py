@@ -54,10 +54,6 @@ class Run:
     self.lr_schedule = optim.lr_schedule(config.optim, config.total_steps)
 
     crop = config.data.crop_size
-    init_fn = functools.partial(state_lib.init_state, self.model, self.tx,
-                                image_shape=(1, crop, crop, 3))
-    # Initialise directly on the replicated sharding: no host copy of the parameters.
-    self._init_state = jax.jit(init_fn, out_shardings=sharding.replicated(self.mesh))
 
     self.semi_supervised = config.method != "supervised"
     if self.semi_supervised and len(self.data.unlabelled_indices) == 0:
@@ -93,7 +89,9 @@ class Run:
     self.param_norm = jax.jit(optax.tree.norm)
 
   def initial_state(self):
-    return self._init_state(jax.random.key(self.config.seed))
+    crop = self.config.data.crop_size
+    return state_lib.init_on_mesh(self.model, self.tx, self.mesh, (1, crop, crop, 3),
+                                  self.config.seed)
 
   def restore_or_init(self):
     """The latest checkpoint of this workdir (iterators restored in place) or a fresh state."""

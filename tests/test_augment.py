@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import pytest
 
 from s4jax import augment
 

@@ -11,16 +11,13 @@ from s4jax import augment
 from s4jax import config_schema
 from s4jax import errors
 from s4jax import logs
-from s4jax import optim
 from s4jax import sharding
-from s4jax import state as state_lib
 from s4jax import step as step_lib
 from s4jax import train
 from s4jax.data import datasets
 from s4jax.data import pipeline
 from s4jax.losses import consistency
-from s4jax.models import segmenter
-from tiny import tiny_config
+from tiny import run_steps, tiny_config
 
 
 def test_pseudo_label_loss_matches_numpy_and_normalises_by_valid_pixels():
@@ -86,27 +83,12 @@ def semi_batches():
   return batches
 
 
-def _run_semi(config, devices, batches):
-  mesh = sharding.make_mesh(devices)
-  model = segmenter.build_segmenter(config.model, 6)
-  tx = optim.make_optimizer(config.optim, config.total_steps)
-  init = jax.jit(functools.partial(state_lib.init_state, model, tx, image_shape=(1, 32, 32, 3)),
-                 out_shardings=sharding.replicated(mesh))
-  state = init(jax.random.key(0))
-  step = step_lib.make_train_step(model, tx, config, mesh)
-  history = []
-  for batch in batches:
-    state, metrics = step(state, sharding.host_to_global(batch, mesh))
-    history.append(jax.device_get(metrics))
-  return jax.device_get(state), history, step
-
-
 @pytest.fixture(scope="module")
 def unimatch_runs(semi_batches):
   config = tiny_config(method="unimatch", unlabelled_batch_size=16,
                        **{"teacher.ema_decay": 0.0, "semi.threshold": 0.3})
-  one = _run_semi(config, jax.devices()[:1], semi_batches)
-  eight = _run_semi(config, jax.devices(), semi_batches)
+  one = run_steps(config, jax.devices()[:1], semi_batches)
+  eight = run_steps(config, jax.devices(), semi_batches)
   return one, eight
 
 

@@ -10,15 +10,13 @@ import pytest
 
 from s4jax import checkpointing
 from s4jax import optim
-from s4jax import sharding
 from s4jax import state as state_lib
-from s4jax import step as step_lib
 from s4jax import train
 from s4jax import errors
 from s4jax.data import datasets
 from s4jax.data import pipeline
 from s4jax.models import segmenter
-from tiny import tiny_config
+from tiny import run_steps, tiny_config
 
 
 def _tree_allclose(a, b, rtol, atol):
@@ -33,19 +31,8 @@ def _tree_allclose(a, b, rtol, atol):
 
 
 def _run_steps(config, devices, batches):
-  mesh = sharding.make_mesh(devices)
-  spec = datasets.build(config.data)
-  model = segmenter.build_segmenter(config.model, spec.num_classes)
-  tx = optim.make_optimizer(config.optim, config.total_steps)
-  init = jax.jit(functools.partial(state_lib.init_state, model, tx, image_shape=(1, 32, 32, 3)),
-                 out_shardings=sharding.replicated(mesh))
-  state = init(jax.random.key(0))
-  step = step_lib.make_train_step(model, tx, config, mesh)
-  losses = []
-  for batch in batches:
-    state, metrics = step(state, sharding.host_to_global(batch, mesh))
-    losses.append(float(metrics["train/loss"]))
-  return jax.device_get(state), losses
+  state, history, _ = run_steps(config, devices, batches)
+  return state, [float(m["train/loss"]) for m in history]
 
 
 @pytest.fixture(scope="module")

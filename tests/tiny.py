@@ -1,6 +1,13 @@
 """A tiny configuration shared by the tests: compiles in seconds on a CPU."""
 
+import jax
+
 from s4jax import config_schema
+from s4jax import optim
+from s4jax import sharding
+from s4jax import state as state_lib
+from s4jax import step as step_lib
+from s4jax.models import segmenter
 
 
 def tiny_config(**overrides):
@@ -31,3 +38,20 @@ def tiny_config(**overrides):
     node[leaf] = value
   c.lock()
   return c
+
+
+def run_steps(config, devices, batches, num_classes=6, crop=32):
+  """Initialises a state on a mesh of `devices` and applies the train step to each batch.
+
+  Returns (final state on the host, per-step metrics on the host, the compiled step).
+  """
+  mesh = sharding.make_mesh(devices)
+  model = segmenter.build_segmenter(config.model, num_classes)
+  tx = optim.make_optimizer(config.optim, config.total_steps)
+  state = state_lib.init_on_mesh(model, tx, mesh, (1, crop, crop, 3), seed=0)
+  step = step_lib.make_train_step(model, tx, config, mesh)
+  history = []
+  for batch in batches:
+    state, metrics = step(state, sharding.host_to_global(batch, mesh))
+    history.append(jax.device_get(metrics))
+  return jax.device_get(state), history, step

@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from s4jax.models import resnet
 from s4jax.models.resnet import conv_kernel_init
 
 # DeepLab's ASPP rates per output stride: doubled at OS 8, halved at OS 32
@@ -48,18 +49,6 @@ def aspp_rates_for_output_stride(output_stride: int) -> tuple[int, ...]:
         f"got {output_stride!r}."
     )
   return _ASPP_RATES[output_stride]
-
-
-def _batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
-  # Same settings as the backbone: Flax momentum 0.9 == torch momentum 0.1.
-  return nn.BatchNorm(
-      use_running_average=not train,
-      momentum=0.9,
-      epsilon=1e-5,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      name=name,
-  )
 
 
 def _conv(
@@ -90,7 +79,7 @@ class ConvBNReLU(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = _conv(self.features, self.kernel, self.dilation, self.dtype, "conv")(x)
-    x = _batch_norm(train, self.dtype, "bn")(x)
+    x = resnet.batch_norm(train, self.dtype, "bn")(x)
     return nn.relu(x)
 
 
@@ -136,9 +125,9 @@ class _Fuse(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = _conv(self.channels, 3, 1, self.dtype, "conv1")(x)
-    x = nn.relu(_batch_norm(train, self.dtype, "bn1")(x))
+    x = nn.relu(resnet.batch_norm(train, self.dtype, "bn1")(x))
     x = _conv(self.channels, 3, 1, self.dtype, "conv2")(x)
-    return nn.relu(_batch_norm(train, self.dtype, "bn2")(x))
+    return nn.relu(resnet.batch_norm(train, self.dtype, "bn2")(x))
 
 
 class DeepLabV3PlusDecoder(nn.Module):

@@ -117,7 +117,7 @@ def _conv(
   )
 
 
-def _batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
+def batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
   # Flax momentum is the weight of the old statistics: 0.9 == torch's 0.1.
   return nn.BatchNorm(
       use_running_average=not train,
@@ -149,15 +149,15 @@ class BasicBlock(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     identity = x
     y = _conv(self.planes, 3, self.stride, self.dilation, self.dtype, "conv1")(x)
-    y = _batch_norm(train, self.dtype, "bn1")(y)
+    y = batch_norm(train, self.dtype, "bn1")(y)
     y = nn.relu(y)
     y = _conv(self.planes, 3, 1, self.dilation, self.dtype, "conv2")(y)
-    y = _batch_norm(train, self.dtype, "bn2")(y)
+    y = batch_norm(train, self.dtype, "bn2")(y)
     if self.downsample:
       identity = _conv(
           self.planes, 1, self.stride, 1, self.dtype, "downsample_conv"
       )(x)
-      identity = _batch_norm(train, self.dtype, "downsample_bn")(identity)
+      identity = batch_norm(train, self.dtype, "downsample_bn")(identity)
     return nn.relu(y + identity)
 
 
@@ -177,18 +177,18 @@ class Bottleneck(nn.Module):
     identity = x
     out_channels = self.planes * self.expansion
     y = _conv(self.planes, 1, 1, 1, self.dtype, "conv1")(x)
-    y = _batch_norm(train, self.dtype, "bn1")(y)
+    y = batch_norm(train, self.dtype, "bn1")(y)
     y = nn.relu(y)
     y = _conv(self.planes, 3, self.stride, self.dilation, self.dtype, "conv2")(y)
-    y = _batch_norm(train, self.dtype, "bn2")(y)
+    y = batch_norm(train, self.dtype, "bn2")(y)
     y = nn.relu(y)
     y = _conv(out_channels, 1, 1, 1, self.dtype, "conv3")(y)
-    y = _batch_norm(train, self.dtype, "bn3")(y)
+    y = batch_norm(train, self.dtype, "bn3")(y)
     if self.downsample:
       identity = _conv(
           out_channels, 1, self.stride, 1, self.dtype, "downsample_conv"
       )(x)
-      identity = _batch_norm(train, self.dtype, "downsample_bn")(identity)
+      identity = batch_norm(train, self.dtype, "downsample_bn")(identity)
     return nn.relu(y + identity)
 
 
@@ -239,15 +239,15 @@ class ResNet(nn.Module):
 
     if self.deep_stem:
       x = _conv(self.width, 3, 2, 1, self.dtype, "conv1_0")(x)
-      x = nn.relu(_batch_norm(train, self.dtype, "bn1_0")(x))
+      x = nn.relu(batch_norm(train, self.dtype, "bn1_0")(x))
       x = _conv(self.width, 3, 1, 1, self.dtype, "conv1_1")(x)
-      x = nn.relu(_batch_norm(train, self.dtype, "bn1_1")(x))
+      x = nn.relu(batch_norm(train, self.dtype, "bn1_1")(x))
       x = _conv(2 * self.width, 3, 1, 1, self.dtype, "conv1_2")(x)
       in_channels = 2 * self.width
     else:
       x = _conv(self.width, 7, 2, 1, self.dtype, "conv1")(x)
       in_channels = self.width
-    x = nn.relu(_batch_norm(train, self.dtype, "bn1")(x))
+    x = nn.relu(batch_norm(train, self.dtype, "bn1")(x))
     features = {"stem": x}
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
