@@ -63,8 +63,6 @@ def supervised_train_step(state, batch, *, model, tx, config):
 
 
 # ---- semi-supervised: FixMatch / UniMatch / UniMatch V2 ----------------------------------
-SEMI_METHODS = ("fixmatch", "unimatch", "unimatch_v2")
-
 
 def _channel_dropout(key, features, rate):
   """Dropout2d: whole channels of each example zeroed with prob `rate`, the rest scaled."""
