@@ -19,7 +19,7 @@ from s4jax.models.segmenter import BACKBONES
 DATASETS = ("shapes",)
 COMPUTE_DTYPES = ("float32", "bfloat16")
 EVAL_MODES = ("whole", "sliding")
-OPTIMIZERS = ("sgd",)
+OPTIMIZERS = ("sgd", "adamw")
 METHODS = ("supervised", "fixmatch", "unimatch", "unimatch_v2")
 BEST_METRICS = ("eval/teacher_miou", "eval/student_miou")
 
@@ -76,11 +76,16 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.num_val = 200
 
   c.optim = ml_collections.ConfigDict()
+  # "sgd" (UniMatch V1, ResNet) or "adamw" (UniMatch V2, DINOv2).
   c.optim.name = "sgd"
   # Learning rate of the backbone at the global batch size above.
   c.optim.lr = 0.01
   c.optim.head_lr_multiplier = 10.0
+  # SGD momentum; Adam's beta1 for "adamw".
   c.optim.momentum = 0.9
+  # Adam's beta2 ("adamw" only).
+  c.optim.adam_b2 = 0.999
+  # SGD: L2 added to the gradient (torch SGD); AdamW: decoupled decay.
   c.optim.weight_decay = 1e-4
   # Poly decay lr * (1 - t / T) ** power, per step.
   c.optim.poly_power = 0.9
@@ -168,6 +173,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   _require(o.head_lr_multiplier > 0, "optim.head_lr_multiplier", o.head_lr_multiplier,
            "a positive number")
   _require(0 <= o.momentum < 1, "optim.momentum", o.momentum, "a number in [0, 1)")
+  _require(0 <= o.adam_b2 < 1, "optim.adam_b2", o.adam_b2, "a number in [0, 1)")
   _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0")
   _require(o.poly_power >= 0, "optim.poly_power", o.poly_power, "a number >= 0")
   _require(config.method in METHODS, "method", config.method, f"one of {METHODS}")

@@ -100,6 +100,31 @@ def test_sgd_matches_torch_semantics():
     np.testing.assert_allclose(float(params[group]["w"][0]), expected[group], rtol=1e-5)
 
 
+def test_adamw_matches_torch_semantics():
+  """Decoupled weight decay scaled by the lr (torch AdamW), head lr x multiplier, poly decay."""
+  config = tiny_config(**{"optim.name": "adamw", "optim.lr": 0.1, "optim.weight_decay": 0.01,
+                          "optim.momentum": 0.9, "optim.adam_b2": 0.99,
+                          "optim.head_lr_multiplier": 10.0, "optim.poly_power": 1.0})
+  tx = optim.make_optimizer(config.optim, total_steps=10)
+  grad_values = [0.5, -0.2, 0.3]
+  params = {"backbone": {"w": np.array([1.0])}, "decoder": {"w": np.array([1.0])}}
+  opt_state = tx.init(params)
+  expected = {"backbone": 1.0, "decoder": 1.0}
+  m = v = 0.0
+  for t, g in enumerate(grad_values):
+    grads = {"backbone": {"w": np.array([g])}, "decoder": {"w": np.array([g])}}
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = jax.tree.map(lambda p, u: p + u, params, updates)
+    m = 0.9 * m + 0.1 * g
+    v = 0.99 * v + 0.01 * g * g
+    m_hat, v_hat = m / (1 - 0.9 ** (t + 1)), v / (1 - 0.99 ** (t + 1))
+    for group, mult in (("backbone", 1.0), ("decoder", 10.0)):
+      lr = 0.1 * (1 - t / 10) * mult
+      expected[group] -= lr * (m_hat / (np.sqrt(v_hat) + 1e-8) + 0.01 * expected[group])
+  for group in expected:
+    np.testing.assert_allclose(float(params[group]["w"][0]), expected[group], rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("straight"))
