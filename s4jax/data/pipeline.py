@@ -29,6 +29,7 @@ import grain
 import numpy as np
 
 from s4jax.data import transforms
+from s4jax.errors import DataError
 
 # Fixed ids that keep the derived random streams apart.
 _LABELLED_SUBSET_STREAM = 0x5E1EC7
@@ -280,6 +281,10 @@ class EvalBatches:
   batch, rounded up to `pad_multiple`, so every process builds the same shape.
   Rows past the end of the source are dummies: image 0, mask all 255.
 
+  With `pad_to > 0` every batch is padded to `pad_to x pad_to` instead, so a
+  dataset of varying image sizes (VOC) gives one batch shape and the eval step
+  compiles once; an image larger than that is a DataError.
+
   Sizes of other processes' rows come from `source.image_hw(index)` when the
   source has it (cheap), else from reading the example.
   """
@@ -292,6 +297,7 @@ class EvalBatches:
       process_index: int = 0,
       process_count: int = 1,
       pad_multiple: int = 1,
+      pad_to: int = 0,
   ):
     _check_process(process_index, process_count)
     if global_batch_size <= 0:
@@ -305,7 +311,10 @@ class EvalBatches:
       )
     if pad_multiple < 1:
       raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple}.")
+    if pad_to < 0:
+      raise ValueError(f"pad_to must be >= 0, got {pad_to}.")
     self._source = source
+    self._pad_to = int(pad_to)
     self._global_batch_size = int(global_batch_size)
     self._local_batch_size = self._global_batch_size // process_count
     self._process_index = int(process_index)
@@ -342,6 +351,16 @@ class EvalBatches:
     ]
     height = _round_up(max(h for h, _ in sizes), self._pad_multiple)
     width = _round_up(max(w for _, w in sizes), self._pad_multiple)
+    if self._pad_to:
+      for index, (h, w) in zip(global_rows, sizes):
+        if h > self._pad_to or w > self._pad_to:
+          describe = getattr(self._source, "describe", None)
+          name = describe(index) if describe is not None else f"example {index}"
+          raise DataError(
+              f"{name} is {h}x{w}, larger than eval.pad_to={self._pad_to}. Raise "
+              "--config.eval.pad_to to the largest validation image side (or 0 to pad "
+              "each batch to its own largest image).")
+      height = width = self._pad_to
 
     images = np.full(
         (self._local_batch_size, height, width, 3),
@@ -373,7 +392,7 @@ class EvalBatches:
         f" global_batch_size={self._global_batch_size},"
         f" local_batch_size={self._local_batch_size},"
         f" process_index={self._process_index},"
-        f" pad_multiple={self._pad_multiple})"
+        f" pad_multiple={self._pad_multiple}, pad_to={self._pad_to})"
     )
 
 
@@ -384,6 +403,7 @@ def make_eval_batches(
     process_index: int = 0,
     process_count: int = 1,
     pad_multiple: int = 1,
+    pad_to: int = 0,
 ) -> EvalBatches:
   """A re-iterable of this process's rows of each global evaluation batch.
 
@@ -397,4 +417,5 @@ def make_eval_batches(
       process_index=process_index,
       process_count=process_count,
       pad_multiple=pad_multiple,
+      pad_to=pad_to,
   )

@@ -1,0 +1,60 @@
+"""Shared settings of the PASCAL VOC 2012 (+ SBD aug) experiments: UniMatch V1's recipe.
+
+Not a runnable experiment by itself; `voc_supervised.py`, `voc_fixmatch.py` and
+`voc_unimatch.py` start from it. Sources: UniMatch (Yang et al., CVPR 2023), its code at
+github.com/LiheYoung/UniMatch (configs/pascal.yaml, unimatch.py, model/semseg/deeplabv3plus.py)
+and METHODS.md §0.
+"""
+
+from s4jax import config_schema
+
+# VOC train_aug has 10582 images; an epoch is one pass over the unlabelled set (10582 minus
+# the labelled ones: 10490 for split 92 ... 9118 for 1464). We count 10582, at most 14 % more
+# steps than UniMatch's per-split count; the loop is step-based (no epochs in the config).
+NUM_TRAIN_AUG = 10582
+
+
+def epochs_to_steps(epochs: int, images_per_step: int, num_images: int = NUM_TRAIN_AUG) -> int:
+  return epochs * num_images // images_per_step
+
+
+def get_config():
+  config = config_schema.default_config()
+  config.data.name = "voc"
+  config.data.root = ""  # --config.data.root=/data/VOCdevkit/VOC2012
+  # Classic splits (92 ... 1464 labelled from the 1464 fine masks) are trained at crop 321;
+  # UniMatch uses 513 for the blended splits (1_16 ... 1_4). pascal.yaml: crop_size.
+  config.data.crop_size = 321
+  config.data.scale_range = (0.5, 2.0)  # UniMatch dataset/transform.py resize(0.5, 2.0)
+  # ResNet-101 with the deep stem (three 3x3 convs), output stride 16 (pascal.yaml:
+  # backbone resnet101, replace_stride_with_dilation [False, False, True]).
+  # NOTE: ImageNet weights are not loaded: s4jax has no weight conversion yet, so these
+  # configs train from scratch and will not reach the papers' numbers until it does.
+  config.model.backbone = "resnet101"
+  config.model.deep_stem = True
+  config.model.output_stride = 16
+  config.model.aspp_dropout = 0.5  # UniMatch ASPP projection: Dropout2d(0.5)
+  # 4 GPUs x 2 labelled images (pascal.yaml batch_size 2 per GPU, scripts/train.sh 4 GPUs).
+  config.batch_size = 8
+  config.unlabelled_batch_size = 8
+  # pascal.yaml: lr 0.001 for the backbone, lr_multi 10 for the head; SGD momentum 0.9,
+  # weight decay 1e-4, poly power 0.9 (unimatch.py).
+  config.optim.lr = 0.001
+  config.optim.head_lr_multiplier = 10.0
+  config.optim.momentum = 0.9
+  config.optim.weight_decay = 1e-4
+  config.optim.poly_power = 0.9
+  config.semi.threshold = 0.95  # pascal.yaml conf_thresh
+  # UniMatch V1 has no EMA teacher: pseudo-labels come from the student (METHODS.md §0).
+  config.teacher.ema_decay = 0.0
+  # pascal.yaml epochs 80.
+  config.total_steps = epochs_to_steps(80, config.unlabelled_batch_size)
+  # Whole-image evaluation, single scale (UniMatch evaluate mode "original"); VOC images are
+  # at most 500 px a side, so one padded shape (512) compiles once.
+  config.eval.mode = "whole"
+  config.eval.pad_to = 512
+  config.eval.batch_size = 8
+  config.log_every = 50
+  config.eval_every = 2000
+  config.checkpoint_every = 2000
+  return config
