@@ -244,7 +244,11 @@ def test_tfds_round_trip_matches_the_files(trees, tmp_path):
         np.testing.assert_array_equal(x["image"], y["image"])
         np.testing.assert_array_equal(x["mask"], y["mask"])
         assert a.image_hw(i) == b.image_hw(i)
-  # Not prepared: the message says how to prepare.
+  # A wrong root fails before TFDS writes anything; not prepared: the message says how.
+  from s4jax.data import prepare  # pylint: disable=import-outside-toplevel
+  assert prepare.main(["--dataset=voc", f"--root={tmp_path / 'nowhere'}",
+                       f"--out={tmp_path / 'other'}"]) == 2
+  assert not os.path.exists(tmp_path / "other")
   with pytest.raises(DataError, match=r"python -m s4jax.data.prepare --dataset=voc"):
     _build("voc", "", **{"data.source": "tfds", "data.tfds_dir": str(tmp_path / "none")})
 

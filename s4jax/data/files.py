@@ -385,9 +385,9 @@ class Layout:
 
   def layout_error(self, problem: str) -> DataError:
     return DataError(
-        f"{problem} config.data.root={self.root!r} should be a {self.name} dataset laid out "
-        f"like this:\n{self.expected_tree.rstrip()}\nSet --config.data.root=DIR to that "
-        "directory.")
+        f"{problem} The dataset root {self.root!r} should be a {self.name} dataset laid out "
+        f"like this:\n{self.expected_tree.rstrip()}\nSet --config.data.root=DIR (--root=DIR "
+        "for the prepare and splits commands) to that directory.")
 
   def require_dir(self, *parts: str) -> str:
     path = os.path.join(self.root, *parts)
