@@ -313,10 +313,11 @@ class PairSource:
         return self._read(current)
       except DataError as e:
         path = self.describe(current)
-        self._skipped.record(path, str(e).replace(_WHAT_TO_DO, "").strip())
+        reason = str(e).replace(_WHAT_TO_DO, "").strip()
+        self._skipped.record(path, reason)
         if path not in self._warned:
           self._warned.add(path)
-          logging.warning("Skipping a bad example: %s", e)
+          logging.warning("Skipping a bad example (data.on_bad_example=skip): %s", reason)
     raise DataError(f"Every example of the {self._name} dataset under {self._root} is bad; "
                     "see the messages above.")
 
