@@ -487,3 +487,18 @@ def test_cli_bad_root_is_one_message_with_the_tree(tmp_path):
   assert "s4jax: error: The dataset directory" in done.stderr
   assert "SegmentationClassAug/<id>.png" in done.stderr
   assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"data.source": "hdfs"}, "data.source"),
+    ({"data.on_bad_example": "ignore"}, "data.on_bad_example"),
+    ({"data.name": "voc", "data.root": "/x", "data.split": "92",
+      "data.labelled_list": "a.txt"}, "data.split"),
+    ({"data.name": "voc", "data.source": "tfds"}, "data.tfds_dir"),
+    ({"eval.pad_to": -1}, "eval.pad_to"),
+    ({"loss.supervised": "focal"}, "loss.supervised"),
+    ({"loss.ohem_threshold": 0.0}, "loss.ohem_threshold"),
+])
+def test_new_config_keys_are_validated(overrides, key):
+  with pytest.raises(ConfigError, match=rf"config\.{key}="):
+    config_schema.validate(tiny_config(**overrides))
