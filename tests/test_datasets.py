@@ -185,6 +185,11 @@ def test_named_split_two_column_and_id_lists(trees, tmp_path):
   # A labelled list alone: the unlabelled set is the rest of the training set.
   alone = _build("voc", root, **{"data.labelled_list": os.path.join(split_dir, "labeled.txt")})
   assert len(alone.unlabelled_indices) == 10
+  # An unlabelled line whose mask is missing keeps its image (masks there are diagnostics).
+  os.remove(os.path.join(root, "SegmentationClassAug", "2007_000001.png"))
+  os.remove(os.path.join(root, "SegmentationClass", "2007_000001.png"))
+  without = _build("voc", root, **{"data.split": "92"})
+  assert len(without.unlabelled_indices) == 3 and not without.unlabelled_has_masks
   # A missing named split says where the files come from.
   with pytest.raises(DataError, match=r"splits/1464/labeled.txt.*LiheYoung/UniMatch"):
     _build("voc", root, **{"data.split": "1464"})

@@ -18,6 +18,7 @@ import os
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 from s4jax.data import cityscapes
 from s4jax.data import files
@@ -128,6 +129,25 @@ def _train_entries(layout: files.Layout, data_config, default_train) -> tuple[li
           [with_masks[i] for i in rest] + without_masks)
 
 
+def _drop_missing_hidden_masks(root: str, unlabelled: list) -> list:
+  """Unlabelled entries whose listed mask is missing are kept, without the mask.
+
+  Masks of unlabelled images only feed diagnostics, and published unlabelled lists name
+  masks that a plain VOC download lacks (UniMatch's lists point at its merged
+  SegmentationClass folder), so a missing one is not worth stopping for.
+  """
+  missing = [e for e in unlabelled
+             if e.mask is not None and not os.path.isfile(os.path.join(root, e.mask))]
+  if not missing:
+    return unlabelled
+  logging.warning(
+      "%d of %d unlabelled images are listed with masks that do not exist (e.g. %s); these "
+      "masks only serve the pseudo-label diagnostics, which are off for this run.",
+      len(missing), len(unlabelled), os.path.join(root, missing[0].mask))
+  gone = {id(e) for e in missing}
+  return [dataclasses.replace(e, mask=None) if id(e) in gone else e for e in unlabelled]
+
+
 def _build_from_files(data_config) -> DatasetSpec:
   use_tfds = data_config.source == "tfds"
   layout = LAYOUTS[data_config.name](data_config.root, check=not use_tfds)
@@ -142,6 +162,7 @@ def _build_from_files(data_config) -> DatasetSpec:
   labelled, unlabelled = _train_entries(layout, data_config, default_train)
   val = _read_list(layout, data_config.val_list) if data_config.val_list else default_val()
   if not use_tfds:
+    unlabelled = _drop_missing_hidden_masks(layout.root, unlabelled)
     check = lambda entries: files.check_entries_exist(  # noqa: E731
         layout.root, entries, on_bad_example=data_config.on_bad_example, skipped=skipped)
     labelled, unlabelled, val = check(labelled), check(unlabelled), check(val)
