@@ -1,8 +1,12 @@
 """Shared settings of the Cityscapes experiments: UniMatch V1's recipe.
 
 Not a runnable experiment by itself; `cityscapes_unimatch.py` starts from it. Sources:
-UniMatch (Yang et al., CVPR 2023), github.com/LiheYoung/UniMatch (configs/cityscapes.yaml,
-unimatch.py, util/ohem.py) and METHODS.md §0.
+UniMatch (Yang et al., CVPR 2023), github.com/LiheYoung/UniMatch (configs/cityscapes.yaml at
+commit 818609d: crop 801, batch 2 per GPU x 4 GPUs, lr 0.005, lr_multi 1, OHEM 0.7 / 200000,
+conf_thresh 0, ResNet-101 OS16, ASPP rates 6/12/18; unimatch.py; util/ohem.py) and
+METHODS.md §0. Another version of that file in the repository (commit 7292bac) describes a
+ResNet-50 run instead: crop 769, 8 GPUs x 1, OS8 with multi-grid, min_kept 100000,
+conf_thresh 0.95; the values below follow the paper's ResNet-101 setting.
 """
 
 from s4jax import config_schema
@@ -19,9 +23,10 @@ def get_config():
   config.data.root = ""  # --config.data.root=/data/cityscapes
   config.data.crop_size = 801  # cityscapes.yaml crop_size
   config.data.scale_range = (0.5, 2.0)
-  # ResNet-101, deep stem, output stride 16 (cityscapes.yaml: replace_stride_with_dilation
-  # [False, False, True]). NOTE: ImageNet weights are not loaded (no weight conversion in
-  # s4jax yet); from scratch this will not reach the papers' numbers.
+  # ResNet-101, deep stem (UniMatch's backbone), output stride 16 (cityscapes.yaml:
+  # replace_stride_with_dilation [False, False, True]; ASPP rates 6/12/18, the model's
+  # default at OS16). NOTE: ImageNet weights are not loaded (no weight conversion in s4jax
+  # yet); from scratch this will not reach the papers' numbers.
   config.model.backbone = "resnet101"
   config.model.deep_stem = True
   config.model.output_stride = 16
