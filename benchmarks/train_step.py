@@ -25,6 +25,7 @@ from s4jax import optim
 from s4jax import sharding
 from s4jax import state as state_lib
 from s4jax import step as step_lib
+from s4jax.losses import registry
 from s4jax.models import segmenter
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -48,10 +49,12 @@ def main(argv):
   del argv
   config = _CONFIG.value
   mesh = sharding.make_mesh()
-  model = segmenter.build_segmenter(config.model, _NUM_CLASSES.value)
+  model = segmenter.build_segmenter(config.model, _NUM_CLASSES.value,
+                                    aux_heads=registry.required_heads(config))
   tx = optim.make_optimizer(config.optim, config.total_steps)
   crop = config.data.crop_size
-  state = state_lib.init_on_mesh(model, tx, mesh, (1, crop, crop, 3), seed=0)
+  state = state_lib.init_on_mesh(model, tx, mesh, (1, crop, crop, 3), seed=0,
+                                 aux=registry.init_aux(config, _NUM_CLASSES.value))
   batch = sharding.host_to_global(random_batch(config, np.random.default_rng(0)), mesh)
   train_step = step_lib.make_train_step(model, tx, config, mesh)
 

@@ -21,7 +21,13 @@ def get_config():
   config.model.aspp_channels = 128
   config.model.decoder_channels = 128
   config.batch_size = 8
-  config.optim.lr = 0.01
+  # AdamW learns the shape classes from scratch much faster than UniMatch's SGD recipe (which
+  # assumes an ImageNet backbone): all labels, 3000 steps, teacher mIoU 43.3 (AdamW 1e-3,
+  # head x1, wd 0.01) vs 28.1 (SGD 0.01, head x10); at 1000 steps 28.3 vs 24.2-24.8.
+  config.optim.name = "adamw"
+  config.optim.lr = 0.001
+  config.optim.head_lr_multiplier = 1.0
+  config.optim.weight_decay = 0.01
   config.total_steps = 3000
   config.log_every = 50
   config.eval_every = 500

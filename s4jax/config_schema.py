@@ -16,7 +16,10 @@ from s4jax.errors import ConfigError  # noqa: F401  (re-exported: configs catch 
 from s4jax.models.resnet import OUTPUT_STRIDES
 from s4jax.models.segmenter import BACKBONES
 
-DATASETS = ("shapes",)
+DATASETS = ("shapes", "voc", "cityscapes", "folder")
+DATA_SOURCES = ("folder", "tfds")
+ON_BAD_EXAMPLE = ("stop", "skip")
+SUPERVISED_LOSSES = ("ce", "ohem")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 EVAL_MODES = ("whole", "sliding")
 OPTIMIZERS = ("sgd", "adamw")
@@ -60,17 +63,38 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "shapes"
-  # Dataset directory on disk (unused by the embedded shapes dataset).
+  # Dataset directory on disk (unused by the embedded shapes dataset); the expected layouts
+  # are in README.md, "Real datasets".
   c.data.root = ""
+  # Where examples are read from: "folder" (the files under data.root) or "tfds" (ArrayRecord
+  # prepared by `python -m s4jax.data.prepare` into data.tfds_dir).
+  c.data.source = "folder"
+  c.data.tfds_dir = ""
+  # A published split by name (VOC "92", "1464", "1_16", ...; Cityscapes "1_16", ...): read
+  # from <data.splits_dir>/<split>/labeled.txt and unlabeled.txt. "" = no named split.
+  c.data.split = ""
+  # Folder of named splits; "" = <data.root>/splits.
+  c.data.splits_dir = ""
+  # Split files, one "image_path mask_path" (or image path / id) per line, relative to
+  # data.root. Empty labelled_list: data.split, else a labelled_fraction subset of the
+  # training set. Empty unlabelled_list: the rest of the training set. Empty val_list: the
+  # dataset's standard validation set.
+  c.data.labelled_list = ""
+  c.data.unlabelled_list = ""
+  c.data.val_list = ""
+  # A corrupt image, a mask of another size, labels out of range or a missing file: "stop"
+  # with a message naming the file, or "skip" it and report the count at the end.
+  c.data.on_bad_example = "stop"
   c.data.crop_size = 64
   c.data.scale_range = (0.5, 2.0)
+  # Share of the training set that keeps its labels when no split or list is given.
   c.data.labelled_fraction = 1.0
   # Seed of the dataset content (synthetic data) and of the labelled/unlabelled split; kept
   # apart from `seed` so runs with different training seeds see the same labelled set.
   c.data.split_seed = 0
   # grain worker processes per host (0 = decode in the main process).
   c.data.num_workers = 0
-  # Embedded synthetic dataset only.
+  # Embedded synthetic dataset only (image_size, num_train, num_val).
   c.data.image_size = 96
   c.data.num_train = 2000
   c.data.num_val = 200
@@ -111,6 +135,39 @@ def default_config() -> ml_collections.ConfigDict:
   c.augment.cutmix_area = (0.02, 0.4)
   c.augment.cutmix_aspect = (0.3, 1 / 0.3)
 
+  c.loss = ml_collections.ConfigDict()
+  # Loss on labelled pixels: "ce" (cross-entropy) or "ohem" (online hard example mining:
+  # only pixels whose true-class probability is below ohem_threshold, but at least
+  # ohem_min_kept of the hardest per global batch; UniMatch on Cityscapes).
+  c.loss.supervised = "ce"
+  c.loss.ohem_threshold = 0.7
+  c.loss.ohem_min_kept = 200000
+
+  # Auxiliary objectives (s4jax/losses/registry.py), each switched on by `enabled`.
+  c.losses = ml_collections.ConfigDict()
+  # Image reconstruction from the decoder features (METHODS.md §1).
+  c.losses.recon = ml_collections.ConfigDict()
+  c.losses.recon.enabled = False
+  c.losses.recon.weight = 1.0
+  c.losses.recon.norm = "l1"              # "l1" | "l2"
+  c.losses.recon.on_labelled = True       # reconstruct the labelled images
+  c.losses.recon.on_strong = True         # and the unlabelled strong views (semi methods)
+  # Object/background variant: two heads, each region's error normalised by its own size.
+  c.losses.recon.split_foreground = False
+  # Classes that count as background for the split; empty = the dataset's own.
+  c.losses.recon.background_classes = ()
+  # Class-wise masked image modelling (METHODS.md §2; the flagship objective).
+  c.losses.cwmim = ml_collections.ConfigDict()
+  c.losses.cwmim.enabled = False
+  c.losses.cwmim.patch_size = 16          # side of the masked patches, in crop pixels
+  c.losses.cwmim.mask_ratio = 0.5         # share of the patches masked per image
+  c.losses.cwmim.classes_per_image = 2    # class-images per image (static; x encoder batch)
+  c.losses.cwmim.on_unlabelled = True     # class-wise inputs from unlabelled images too
+  c.losses.cwmim.norm = "l1"              # "l1" | "l2"
+  c.losses.cwmim.rec_weight = 1.0         # class-wise reconstruction
+  c.losses.cwmim.fa_weight = 0.1          # feature aggregation
+  c.losses.cwmim.smim_weight = 0.5        # semantic-space masked image modelling
+
   c.teacher = ml_collections.ConfigDict()
   # EMA decay d of the teacher: d_t = min(1 - 1/(t+1), d). 0 = the teacher is the student.
   c.teacher.ema_decay = 0.99
@@ -122,6 +179,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.stride = 0
   # Global number of validation images per evaluation batch.
   c.eval.batch_size = 8
+  # Pad every evaluation batch to pad_to x pad_to (one compiled shape for datasets of varying
+  # image sizes, e.g. 512 on VOC); 0 = each batch to its largest image, rounded up to 32.
+  c.eval.pad_to = 0
   # The evaluation metric that decides which checkpoint is kept as the best.
   c.eval.best_metric = "eval/teacher_miou"
 
@@ -129,11 +189,15 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _require(condition: bool, key: str, value, expected: str) -> None:
+def require(condition: bool, key: str, value, expected: str) -> None:
+  """Raises ConfigError naming `config.<key>` and what it should be unless `condition`."""
   if not condition:
     raise ConfigError(
         f"config.{key}={value!r} is not valid: expected {expected}. "
         f"Fix it in the config file or override it with --config.{key}=...")
+
+
+_require = require
 
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
@@ -156,6 +220,21 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   lo, hi = d.scale_range
   _require(0 < lo <= hi, "data.scale_range", tuple(d.scale_range), "(low, high) with 0 < low <= high")
   _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "an integer >= 0")
+  _require(d.source in DATA_SOURCES, "data.source", d.source, f"one of {DATA_SOURCES}")
+  _require(d.on_bad_example in ON_BAD_EXAMPLE, "data.on_bad_example", d.on_bad_example,
+           f"one of {ON_BAD_EXAMPLE}")
+  if d.name != "shapes":
+    if d.source == "tfds":
+      _require(bool(d.tfds_dir), "data.tfds_dir", d.tfds_dir,
+               "the directory given to `python -m s4jax.data.prepare --out=...`")
+    else:
+      _require(bool(d.root), "data.root", d.root,
+               f"the directory of the {d.name} dataset (layouts: README.md, 'Real datasets')")
+  _require(not (d.split and d.labelled_list), "data.split", d.split,
+           f"no named split when data.labelled_list={d.labelled_list!r} is given (one or the "
+           "other)")
+  _require(bool(d.labelled_list) or not d.unlabelled_list, "data.unlabelled_list",
+           d.unlabelled_list, "a data.labelled_list beside it")
   for key in ("total_steps", "batch_size", "log_every", "eval_every", "checkpoint_every",
               "keep_checkpoints"):
     value = config[key]
@@ -205,8 +284,22 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   _require(e.best_metric in BEST_METRICS, "eval.best_metric", e.best_metric,
            f"one of {BEST_METRICS}")
   _require(e.mode in EVAL_MODES, "eval.mode", e.mode, f"one of {EVAL_MODES}")
+  _require(isinstance(e.pad_to, int) and e.pad_to >= 0, "eval.pad_to", e.pad_to,
+           "an integer >= 0 (0 = pad each batch to its largest image)")
+  lc = config.loss
+  _require(lc.supervised in SUPERVISED_LOSSES, "loss.supervised", lc.supervised,
+           f"one of {SUPERVISED_LOSSES}")
+  _require(0 < lc.ohem_threshold <= 1, "loss.ohem_threshold", lc.ohem_threshold,
+           "a probability in (0, 1]")
+  _require(isinstance(lc.ohem_min_kept, int) and lc.ohem_min_kept >= 0, "loss.ohem_min_kept",
+           lc.ohem_min_kept, "an integer >= 0")
   _require(e.window >= 0 and e.stride >= 0, "eval.window/eval.stride", (e.window, e.stride),
            "sizes >= 0 (0 = derived from data.crop_size)")
+
+
+  # Objectives check their own blocks (imported here: they import this module).
+  from s4jax.losses import registry  # pylint: disable=g-import-not-at-top
+  registry.validate(config)
 
 
 def unlabelled_batch_size(config) -> int:
@@ -224,7 +317,8 @@ def eval_window(config) -> tuple[int, int]:
 # Keys that only change how a run is watched or fed, not what it computes: a workdir may be
 # resumed with different values for these.
 OPERATIONAL_KEYS = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-                    "num_visualised", "data.num_workers", "data.root", "eval.batch_size")
+                    "num_visualised", "data.num_workers", "data.root", "data.tfds_dir",
+                    "data.on_bad_example", "eval.batch_size")
 
 
 def sibling_config(config_path: str, filename: str) -> ml_collections.ConfigDict:

@@ -5,6 +5,7 @@ replicated and whose batch is split over the mesh's 'data' axis. Every mean in t
 over the global batch, so 1 device and N devices compute the same update.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -17,6 +18,8 @@ from s4jax import evaluate
 from s4jax import sharding
 from s4jax import state as state_lib
 from s4jax.losses import consistency
+from s4jax.losses import objective as objective_lib
+from s4jax.losses import registry
 from s4jax.losses import supervised
 from s4jax.models import segmenter
 
@@ -38,28 +41,6 @@ def _apply_updates_and_ema(state, grads, new_batch_stats, tx, ema_decay):
       ema_params=state_lib.ema_update(state.ema_params, params, decay_t),
       ema_batch_stats=state_lib.ema_update(state.ema_batch_stats, new_batch_stats, decay_t),
   )
-
-
-def supervised_train_step(state, batch, *, model, tx, config):
-  """One SGD step on labelled images: CE with ignore 255, then the EMA teacher update."""
-  images = augment.normalize_uint8(batch["image"])
-  dropout_rng = step_rng(config.seed, state.step)
-
-  def loss_fn(params):
-    outputs, mutated = model.apply(
-        {"params": params, "batch_stats": state.batch_stats}, images, train=True,
-        mutable=["batch_stats"], rngs={"dropout": dropout_rng})
-    loss_sup = supervised.cross_entropy(outputs["logits"], batch["mask"])
-    return loss_sup, mutated["batch_stats"]
-
-  (loss_sup, new_batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  new_state = _apply_updates_and_ema(state, grads, new_batch_stats, tx, config.teacher.ema_decay)
-  metrics = {
-      "train/loss": loss_sup,
-      "train/loss_sup": loss_sup,
-      "train/grad_norm": optax.tree.norm(grads),
-  }
-  return new_state, metrics
 
 
 # ---- semi-supervised: FixMatch / UniMatch / UniMatch V2 ----------------------------------
@@ -86,8 +67,9 @@ def _strong_views(key, unit_images, pseudo, confidence, valid, config, mesh):
 
   Photometric ops run per example with keys split from `key` (identical on any device
   count). CutMix pastes the partner's strong view and the partner's pseudo-label,
-  confidence and validity with the same box; the partner swap runs inside `shard_map` on
-  each device's rows, so nothing crosses devices.
+  confidence, validity and clean weak image (the reconstruction target) with the same box;
+  the partner swap runs inside `shard_map` on each device's rows, so nothing crosses
+  devices. Returns a `StrongView` without features (the base method adds them).
   """
   n, h, w = unit_images.shape[:3]
   k_photo, k_box = jax.random.split(key)
@@ -99,13 +81,15 @@ def _strong_views(key, unit_images, pseudo, confidence, valid, config, mesh):
           jax.random.split(k_box, n))
   spec = jax.sharding.PartitionSpec(sharding.DATA_AXIS)
 
-  def mix(box, view, y, c, v):
-    return tuple(augment.paste(box, own, augment.swap_pairs(own)) for own in (view, y, c, v))
+  def mix(box, *arrays):
+    return tuple(augment.paste(box, own, augment.swap_pairs(own)) for own in arrays)
 
-  mixed = jax.shard_map(mix, mesh=mesh, in_specs=(spec,) * 5, out_specs=(spec,) * 4)(
-      boxes, views, pseudo, confidence, valid)
-  view, y, c, v = mixed
-  return augment.normalize(view), y, c, v
+  view, y, c, v, clean = jax.shard_map(mix, mesh=mesh, in_specs=(spec,) * 6,
+                                       out_specs=(spec,) * 5)(
+      boxes, views, pseudo, confidence, valid, unit_images)
+  return objective_lib.StrongView(
+      image=augment.normalize(view), clean=augment.normalize(clean), pseudo=y, confidence=c,
+      valid=v, features=None)
 
 
 def _pseudo_label_diagnostics(pseudo, confidence, valid, hidden_mask, threshold, num_classes):
@@ -128,113 +112,181 @@ def _pseudo_label_diagnostics(pseudo, confidence, valid, hidden_mask, threshold,
   return metrics
 
 
-def semi_supervised_train_step(state, batch, *, model, tx, config, mesh):
-  """One step of FixMatch / UniMatch / UniMatch V2 (config.method), METHODS.md §0."""
-  method = config.method
+# ---- base methods: the student's forward passes and the base losses ------------------------
+# Each returns (total loss, {name: loss}, labelled features, strong views with features).
+# `forward(images, fn)` runs the student in train mode and threads BatchNorm statistics
+# from pass to pass; the grouping of images into passes follows the papers (METHODS.md §0).
+
+def _supervised_method(forward, data, keys, config):
+  del keys
+  out = forward(data["x_l"], None)
+  loss_sup = supervised.labelled_loss(out["logits"], data["y_l"], config.loss)
+  return loss_sup, {"loss_sup": loss_sup}, out["features"], ()
+
+
+def _fixmatch_method(forward, data, keys, config):
+  """One train-mode pass over [labelled; strong] (the UniMatch repository's FixMatch)."""
+  del keys
+  n_l = data["x_l"].shape[0]
+  (s1,) = data["views"]
+  out = forward(jnp.concatenate([data["x_l"], s1.image]), None)
+  losses = {
+      "loss_sup": supervised.labelled_loss(out["logits"][:n_l], data["y_l"], config.loss),
+      "loss_s1": consistency.pseudo_label_loss(out["logits"][n_l:], s1.pseudo, s1.confidence,
+                                               s1.valid, config.semi.threshold),
+  }
+  total = 0.5 * (losses["loss_sup"] + losses["loss_s1"])
+  views = (dataclasses.replace(s1, features=out["features"][n_l:]),)
+  return total, losses, out["features"][:n_l], views
+
+
+def _unimatch_method(forward, data, keys, config):
+  """Pass 1: [labelled; weak] through the encoder; the decoder sees the clean features and
+  channel-dropped copies (feature perturbation) in one batch. Pass 2: [s1; s2]."""
   semi = config.semi
+  x_l, x_w = data["x_l"], data["x_w"]
+  n_l, n_u = x_l.shape[0], x_w.shape[0]
+
+  def encode_decode_fp(module, images, train):
+    low, high = module.encode(images, train=train)
+    k_low, k_high = jax.random.split(keys["fp"])
+    low_all = jnp.concatenate([low, _channel_dropout(k_low, low, semi.fp_dropout)])
+    high_all = jnp.concatenate([high, _channel_dropout(k_high, high, semi.fp_dropout)])
+    decoded = module.decode(low_all, high_all, train=train)
+    return {"logits": segmenter.upsample_logits(decoded["logits"], images.shape[1:3]),
+            "features": decoded["features"]}
+
+  out1 = forward(jnp.concatenate([x_l, x_w]), encode_decode_fp)
+  logits_fp = out1["logits"][2 * n_l + n_u:]
+  s1, s2 = data["views"]
+  out2 = forward(jnp.concatenate([s1.image, s2.image]), None)
+  losses = {
+      "loss_sup": supervised.labelled_loss(out1["logits"][:n_l], data["y_l"], config.loss),
+      "loss_s1": consistency.pseudo_label_loss(out2["logits"][:n_u], s1.pseudo, s1.confidence,
+                                               s1.valid, semi.threshold),
+      "loss_s2": consistency.pseudo_label_loss(out2["logits"][n_u:], s2.pseudo, s2.confidence,
+                                               s2.valid, semi.threshold),
+      "loss_fp": consistency.pseudo_label_loss(logits_fp, data["pseudo"], data["confidence"],
+                                               data["valid"], semi.threshold),
+  }
+  total = 0.5 * (losses["loss_sup"] + 0.25 * losses["loss_s1"] + 0.25 * losses["loss_s2"]
+                 + 0.5 * losses["loss_fp"])
+  views = (dataclasses.replace(s1, features=out2["features"][:n_u]),
+           dataclasses.replace(s2, features=out2["features"][n_u:]))
+  return total, losses, out1["features"][:n_l], views
+
+
+def _unimatch_v2_method(forward, data, keys, config):
+  """A labelled pass, then [s1; s2] with complementary channel dropout."""
+  semi = config.semi
+  n_u = data["x_w"].shape[0]
+  out_l = forward(data["x_l"], None)
+
+  def encode_decode_comp(module, images, train):
+    low, high = module.encode(images, train=train)
+    k_low, k_high = jax.random.split(keys["comp"])
+    low1, low2 = _complementary_dropout(k_low, low[:n_u], low[n_u:])
+    high1, high2 = _complementary_dropout(k_high, high[:n_u], high[n_u:])
+    decoded = module.decode(jnp.concatenate([low1, low2]), jnp.concatenate([high1, high2]),
+                            train=train)
+    return {"logits": segmenter.upsample_logits(decoded["logits"], images.shape[1:3]),
+            "features": decoded["features"]}
+
+  s1, s2 = data["views"]
+  out = forward(jnp.concatenate([s1.image, s2.image]), encode_decode_comp)
+  losses = {
+      "loss_sup": supervised.labelled_loss(out_l["logits"], data["y_l"], config.loss),
+      "loss_s1": consistency.pseudo_label_loss(out["logits"][:n_u], s1.pseudo, s1.confidence,
+                                               s1.valid, semi.threshold),
+      "loss_s2": consistency.pseudo_label_loss(out["logits"][n_u:], s2.pseudo, s2.confidence,
+                                               s2.valid, semi.threshold),
+  }
+  total = 0.5 * (losses["loss_sup"] + 0.5 * (losses["loss_s1"] + losses["loss_s2"]))
+  views = (dataclasses.replace(s1, features=out["features"][:n_u]),
+           dataclasses.replace(s2, features=out["features"][n_u:]))
+  return total, losses, out_l["features"], views
+
+
+BASE_METHODS = {
+    "supervised": _supervised_method,
+    "fixmatch": _fixmatch_method,
+    "unimatch": _unimatch_method,
+    "unimatch_v2": _unimatch_v2_method,
+}
+# Strong views each method draws from every unlabelled image.
+_NUM_STRONG_VIEWS = {"supervised": 0, "fixmatch": 1, "unimatch": 2, "unimatch_v2": 2}
+
+
+def train_step(state, batch, *, model, tx, config, mesh, background_classes=(0,)):
+  """One step of `config.method` plus every enabled auxiliary objective.
+
+  The teacher (EMA weights, inference mode, clean weak view) gives pseudo-labels; strong
+  views are drawn on device; the base method runs the student's passes; each objective adds
+  its weighted loss from the recorded context; then the optimizer update and the EMA update
+  of the teacher.
+  """
+  method = config.method
+  num_views = _NUM_STRONG_VIEWS[method]
   rng = step_rng(config.seed, state.step)
-  k_view1, k_view2, k_fp, k_comp, k_dropout = jax.random.split(rng, 5)
+  k_views, k_fp, k_comp, k_dropout, k_objectives = jax.random.split(rng, 5)
+  objectives = registry.enabled(config)
+  objective_keys = jax.random.split(k_objectives, max(len(objectives), 1))
 
-  x_l = augment.normalize_uint8(batch["image"])
-  y_l = batch["mask"]
-  n_l = x_l.shape[0]
-  u_unit = augment.to_unit_range(batch["u_image"])
-  x_w = augment.normalize(u_unit)
-  valid = batch["u_valid"].astype(jnp.float32)
-  n_u = x_w.shape[0]
-
-  # Teacher: EMA weights, inference mode, clean weak view (no gradient).
-  teacher_logits = model.apply(state.teacher_variables(), x_w, train=False)["logits"]
-  pseudo, confidence = consistency.pseudo_labels(teacher_logits)
-  num_classes = teacher_logits.shape[-1]
-
-  s1, y1, c1, v1 = _strong_views(k_view1, u_unit, pseudo, confidence, valid, config, mesh)
-  if method != "fixmatch":
-    s2, y2, c2, v2 = _strong_views(k_view2, u_unit, pseudo, confidence, valid, config, mesh)
-
-  def forward(params, batch_stats, images, fn, rngs):
-    out, mutated = model.apply({"params": params, "batch_stats": batch_stats}, images,
-                               train=True, mutable=["batch_stats"], method=fn, rngs=rngs)
-    return out, mutated["batch_stats"]
+  data = {"x_l": augment.normalize_uint8(batch["image"]), "y_l": batch["mask"], "views": ()}
+  metrics = {}
+  if num_views:
+    u_unit = augment.to_unit_range(batch["u_image"])
+    data["x_w"] = augment.normalize(u_unit)
+    data["valid"] = batch["u_valid"].astype(jnp.float32)
+    teacher_logits = model.apply(state.teacher_variables(), data["x_w"], train=False)["logits"]
+    data["pseudo"], data["confidence"] = consistency.pseudo_labels(teacher_logits)
+    data["views"] = tuple(
+        _strong_views(k, u_unit, data["pseudo"], data["confidence"], data["valid"], config,
+                      mesh) for k in jax.random.split(k_views, num_views))
+    metrics.update(_pseudo_label_diagnostics(
+        data["pseudo"], data["confidence"], data["valid"], batch.get("u_mask"),
+        config.semi.threshold, teacher_logits.shape[-1]))
+  keys = {"fp": k_fp, "comp": k_comp}
 
   def loss_fn(params):
-    batch_stats = state.batch_stats
-    rngs = {"dropout": k_dropout}
-    losses = {}
-    if method == "fixmatch":
-      # One train-mode pass over [labelled; strong] (the UniMatch repository's FixMatch).
-      out, batch_stats = forward(params, batch_stats, jnp.concatenate([x_l, s1]), None, rngs)
-      logits_l, logits_s1 = out["logits"][:n_l], out["logits"][n_l:]
-      losses["loss_sup"] = supervised.cross_entropy(logits_l, y_l)
-      losses["loss_s1"] = consistency.pseudo_label_loss(logits_s1, y1, c1, v1, semi.threshold)
-      total = 0.5 * (losses["loss_sup"] + losses["loss_s1"])
-      return total, (losses, batch_stats)
+    batch_stats = [state.batch_stats]
 
-    if method == "unimatch":
-      # Pass 1: [labelled; weak] through the encoder; the decoder sees the clean features
-      # and channel-dropped copies (feature perturbation) in one batch.
-      def encode_decode_fp(module, images, train):
-        low, high = module.encode(images, train=train)
-        k_low, k_high = jax.random.split(k_fp)
-        low_all = jnp.concatenate([low, _channel_dropout(k_low, low, semi.fp_dropout)])
-        high_all = jnp.concatenate([high, _channel_dropout(k_high, high, semi.fp_dropout)])
-        decoded = module.decode(low_all, high_all, train=train)
-        return segmenter.upsample_logits(decoded["logits"], images.shape[1:3])
+    def forward(images, fn):
+      out, mutated = model.apply({"params": params, "batch_stats": batch_stats[0]}, images,
+                                 train=True, mutable=["batch_stats"], method=fn,
+                                 rngs={"dropout": k_dropout})
+      batch_stats[0] = mutated["batch_stats"]
+      return out
 
-      logits, batch_stats = forward(params, batch_stats, jnp.concatenate([x_l, x_w]),
-                                    encode_decode_fp, rngs)
-      n = n_l + n_u
-      logits_l = logits[:n_l]
-      logits_fp = logits[n + n_l:]
-      # Pass 2: [s1; s2].
-      out, batch_stats = forward(params, batch_stats, jnp.concatenate([s1, s2]), None, rngs)
-      logits_s1, logits_s2 = out["logits"][:n_u], out["logits"][n_u:]
-      losses["loss_sup"] = supervised.cross_entropy(logits_l, y_l)
-      losses["loss_s1"] = consistency.pseudo_label_loss(logits_s1, y1, c1, v1, semi.threshold)
-      losses["loss_s2"] = consistency.pseudo_label_loss(logits_s2, y2, c2, v2, semi.threshold)
-      losses["loss_fp"] = consistency.pseudo_label_loss(logits_fp, pseudo, confidence, valid,
-                                                        semi.threshold)
-      total = 0.5 * (losses["loss_sup"] + 0.25 * losses["loss_s1"] + 0.25 * losses["loss_s2"]
-                     + 0.5 * losses["loss_fp"])
-      return total, (losses, batch_stats)
+    total, losses, labelled_features, views = BASE_METHODS[method](forward, data, keys, config)
+    context = objective_lib.StepContext(
+        config=config, model=model, params=params, batch_stats=state.batch_stats,
+        rng=None, step=state.step, num_classes=model.num_classes,
+        background_classes=tuple(background_classes), labelled_image=data["x_l"],
+        labelled_mask=data["y_l"], labelled_features=labelled_features,
+        weak_image=data.get("x_w"), weak_valid=data.get("valid"), pseudo=data.get("pseudo"),
+        confidence=data.get("confidence"), strong_views=views)
+    new_aux = dict(state.aux)
+    for (objective, cfg), key in zip(objectives, objective_keys):
+      loss, obj_metrics, new_aux[objective.name] = objective.loss(
+          dataclasses.replace(context, rng=key), cfg, state.aux.get(objective.name, {}))
+      total = total + loss
+      losses.update({f"{objective.name}/{k}": v for k, v in obj_metrics.items()})
+    return total, (losses, batch_stats[0], new_aux)
 
-    # unimatch_v2: labelled pass, then [s1; s2] with complementary channel dropout.
-    out, batch_stats = forward(params, batch_stats, x_l, None, rngs)
-    losses["loss_sup"] = supervised.cross_entropy(out["logits"], y_l)
-
-    def encode_decode_comp(module, images, train):
-      low, high = module.encode(images, train=train)
-      k_low, k_high = jax.random.split(k_comp)
-      low1, low2 = _complementary_dropout(k_low, low[:n_u], low[n_u:])
-      high1, high2 = _complementary_dropout(k_high, high[:n_u], high[n_u:])
-      decoded = module.decode(jnp.concatenate([low1, low2]), jnp.concatenate([high1, high2]),
-                              train=train)
-      return segmenter.upsample_logits(decoded["logits"], images.shape[1:3])
-
-    logits, batch_stats = forward(params, batch_stats, jnp.concatenate([s1, s2]),
-                                  encode_decode_comp, rngs)
-    losses["loss_s1"] = consistency.pseudo_label_loss(logits[:n_u], y1, c1, v1, semi.threshold)
-    losses["loss_s2"] = consistency.pseudo_label_loss(logits[n_u:], y2, c2, v2, semi.threshold)
-    total = 0.5 * (losses["loss_sup"] + 0.5 * (losses["loss_s1"] + losses["loss_s2"]))
-    return total, (losses, batch_stats)
-
-  (total, (losses, new_batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
+  (total, (losses, new_batch_stats, new_aux)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
   new_state = _apply_updates_and_ema(state, grads, new_batch_stats, tx, config.teacher.ema_decay)
-  metrics = {"train/loss": total, "train/grad_norm": optax.tree.norm(grads)}
+  new_state = new_state.replace(aux=new_aux)
+  metrics.update({"train/loss": total, "train/grad_norm": optax.tree.norm(grads)})
   metrics.update({f"train/{k}": v for k, v in losses.items()})
-  metrics.update(_pseudo_label_diagnostics(pseudo, confidence, valid, batch.get("u_mask"),
-                                           semi.threshold, num_classes))
   return new_state, metrics
 
 
-def make_train_step(model, tx, config, mesh):
-  """The jitted, sharded, state-donating train step for `config.method`."""
-  if config.method == "supervised":
-    step_fn = functools.partial(supervised_train_step, model=model, tx=tx, config=config)
-  else:
-    step_fn = functools.partial(semi_supervised_train_step, model=model, tx=tx, config=config,
-                                mesh=mesh)
+def make_train_step(model, tx, config, mesh, background_classes=(0,)):
+  """The jitted, sharded, state-donating train step for `config.method` and objectives."""
+  step_fn = functools.partial(train_step, model=model, tx=tx, config=config, mesh=mesh,
+                              background_classes=tuple(background_classes))
   return jax.jit(
       step_fn,
       in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),

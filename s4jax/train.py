@@ -17,6 +17,7 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
+from s4jax import augment
 from s4jax import checkpointing
 from s4jax import config_schema
 from s4jax import evaluate
@@ -30,6 +31,7 @@ from s4jax import workdir as workdir_lib
 from s4jax.data import datasets
 from s4jax.data import pipeline
 from s4jax.errors import ConfigError, NonFiniteLossError, UserInputError
+from s4jax.losses import registry
 from s4jax.models import segmenter
 
 
@@ -49,7 +51,8 @@ class Run:
       logging.info("Moved the previous run in %s to %s", workdir, status.split(":", 1)[1])
 
     self.data = datasets.build(config.data)
-    self.model = segmenter.build_segmenter(config.model, self.data.num_classes)
+    self.model = segmenter.build_segmenter(config.model, self.data.num_classes,
+                                           aux_heads=registry.required_heads(config))
     self.tx = optim.make_optimizer(config.optim, config.total_steps)
     self.lr_schedule = optim.lr_schedule(config.optim, config.total_steps)
 
@@ -81,17 +84,21 @@ class Run:
 
     self.checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints,
                                                    iterator_names=tuple(self.iterators))
-    self.train_step = step_lib.make_train_step(self.model, self.tx, config, self.mesh)
+    self.train_step = step_lib.make_train_step(
+        self.model, self.tx, config, self.mesh,
+        background_classes=self.data.background_classes)
     self.eval_step = step_lib.make_eval_step(self.model, config, self.data.num_classes,
                                              self.mesh)
     self.predict = step_lib.make_predict_fn(self.model, self.mesh)
     self.writer = logs.MetricWriter(workdir, enabled=self.is_writer)
     self.param_norm = jax.jit(optax.tree.norm)
+    self._visualise = None  # compiled on first use by objective_grids
 
   def initial_state(self):
     crop = self.config.data.crop_size
     return state_lib.init_on_mesh(self.model, self.tx, self.mesh, (1, crop, crop, 3),
-                                  self.config.seed)
+                                  self.config.seed,
+                                  aux=registry.init_aux(self.config, self.data.num_classes))
 
   def restore_or_init(self):
     """The latest checkpoint of this workdir (iterators restored in place) or a fresh state."""
@@ -120,7 +127,8 @@ class Run:
   def eval_batches(self):
     return pipeline.make_eval_batches(
         self.data.val_source, global_batch_size=self.config.eval.batch_size,
-        process_index=self.process_index, process_count=self.process_count, pad_multiple=32)
+        process_index=self.process_index, process_count=self.process_count, pad_multiple=32,
+        pad_to=self.config.eval.pad_to)
 
   def evaluate(self, state) -> tuple[dict, dict]:
     """mIoU of student and teacher over the whole validation set.
@@ -164,6 +172,35 @@ class Run:
                    viz.colorize(preds["student"][i], palette),
                    viz.colorize(preds["teacher"][i], palette)])
     return viz.image_grid(rows) if rows else None
+
+  def objective_grids(self, state, step: int) -> dict[str, np.ndarray]:
+    """Each enabled objective's own pictures (e.g. input | masked input | reconstruction) of
+    the first validation images, by the student; {name: grid}."""
+    count = self.config.num_visualised
+    visual = [(o, cfg) for o, cfg in registry.enabled(self.config) if o.visualise is not None]
+    if count == 0 or not visual:
+      return {}
+    if self._visualise is None:
+      def panels(variables, images, masks, rng):
+        out = {}
+        for objective, cfg in visual:
+          out.update(objective.visualise(self.model, variables, augment.normalize_uint8(images),
+                                         masks, rng, cfg))
+        return {k: augment.denormalize_to_uint8(v) for k, v in out.items()}
+      self._visualise = jax.jit(panels)
+    local = next(iter(self.eval_batches()))
+    batch = sharding.host_to_global(local, self.mesh)
+    rng = jax.random.fold_in(jax.random.key(self.config.seed), step)
+    out = self._visualise(state.student_variables(), batch["image"], batch["mask"], rng)
+    masks = multihost_utils.process_allgather(batch["mask"], tiled=True)
+    grids = {}
+    for name, value in out.items():
+      value = multihost_utils.process_allgather(value, tiled=True)
+      rows = [list(value[i]) for i in range(min(count, value.shape[0]))
+              if not np.all(masks[i] == 255)]
+      if rows:
+        grids[name] = viz.image_grid(rows)
+    return grids
 
 
 def _kept(last_saved, workdir) -> str:
@@ -244,9 +281,12 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
       logging.info("eval @%d: student mIoU %.2f, teacher mIoU %.2f (%.1fs)", done,
                    100 * final_eval["eval/student_miou"], 100 * final_eval["eval/teacher_miou"],
                    final_eval["eval/seconds"])
+      grids = run.objective_grids(state, done)
       grid = run.prediction_grid(state)
       if grid is not None:
-        run.writer.write_images(done, {"predictions": grid})
+        grids["predictions"] = grid
+      if grids:
+        run.writer.write_images(done, grids)
       progress.update(done)  # keep evaluation time out of the steps/s figure
     if should_ckpt:
       # The losses can be finite while the update that followed them overflowed.
@@ -259,6 +299,9 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
       last_saved = done
   run.checkpointer.wait()
   run.writer.flush()
+  skipped = run.data.skipped_summary()
+  if skipped:
+    logging.warning("%s", skipped)
   best = run.checkpointer.best_record()
   if final_eval:
     logging.info("Final: student mIoU %.2f, teacher mIoU %.2f; best %s %.2f at step %s.",

@@ -55,17 +55,24 @@ def test_strong_views_paste_image_and_pseudo_labels_with_the_same_box():
   valid = (rng.random((n, h, w)) > 0.2).astype(np.float32)
   put = lambda x: jax.device_put(x, sharding.batch_sharded(mesh))
   fn = jax.jit(functools.partial(step_lib._strong_views, config=config, mesh=mesh))
-  view, y, c, v = jax.device_get(fn(jax.random.key(0), put(images), put(pseudo), put(conf),
-                                     put(valid)))
+  strong = jax.device_get(fn(jax.random.key(0), put(images), put(pseudo), put(conf),
+                             put(valid)))
+  y, c, v = strong.pseudo, strong.confidence, strong.valid
   partner = np.arange(n) ^ 1
-  unit_view = np.asarray(augment.denormalize_to_uint8(view)).astype(np.float32) / 255
+  unit_view = np.asarray(augment.denormalize_to_uint8(strong.image)).astype(np.float32) / 255
+  unit_clean = np.asarray(augment.denormalize_to_uint8(strong.clean)).astype(np.float32) / 255
   for i in range(n):
     from_partner = np.abs(unit_view[i] - images[partner[i]]).max(-1) < 1 / 255 + 1e-6
+    # The reconstruction target is the clean weak image under the same box.
+    clean_from_partner = np.abs(unit_clean[i] - images[partner[i]]).max(-1) < 1 / 255 + 1e-6
+    clean_own = np.abs(unit_clean[i] - images[i]).max(-1) < 1 / 255 + 1e-6
+    assert np.all(clean_from_partner | clean_own)
     box = (y[i] == pseudo[partner[i]]) & (c[i] == conf[partner[i]]) & (v[i] == valid[partner[i]])
     inside = ~((c[i] == conf[i]) & (y[i] == pseudo[i]))  # pixels that changed label data
     assert inside.any(), "cutmix_p=1 must paste a box"
     # Wherever the labels came from the partner, the image came from the partner too.
     assert np.all(from_partner[inside]) and np.all(box[inside])
+    assert np.all(clean_from_partner[inside])
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,13 @@ encoder features before decoding::
   out = model.apply(variables, low, high, train, method="decode")
 
 With ``train=True`` pass ``mutable=["batch_stats"]`` as usual.
+
+Auxiliary heads (e.g. image reconstruction) are built when an objective asks for them
+(``aux_heads``, names from ``HEAD_TYPES``); their parameters live under
+``params["head_<name>"]`` (so the optimizer treats them as head parameters) and are created
+at ``init`` even though ``__call__`` does not use them::
+
+  rgb = model.apply(variables, features, size, "recon", method="reconstruct")
 """
 
 from typing import Any
@@ -21,11 +28,18 @@ import ml_collections
 
 from s4jax.models.deeplabv3plus import DeepLabV3PlusDecoder
 from s4jax.models.deeplabv3plus import aspp_rates_for_output_stride
+from s4jax.models.heads import ReconstructionHead
 from s4jax.models.resnet import OUTPUT_STRIDES
 from s4jax.models.resnet import ResNet
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Auxiliary head name -> module class. Every head maps decoder features to an output.
+HEAD_TYPES = {
+    "recon": ReconstructionHead,      # METHODS.md §1 and §2: D_rec
+    "recon_fg": ReconstructionHead,   # §1 object/background variant: D_fg
+    "recon_bg": ReconstructionHead,   # and D_bg
+}
 
 
 def validate_model_args(backbone: str, output_stride: int) -> None:
@@ -72,6 +86,7 @@ class Segmenter(nn.Module):
     aspp_dropout: dropout after the ASPP projection (UniMatch uses 0.5); a
       nonzero rate needs a "dropout" rng when ``train=True``.
     dtype: compute dtype; parameters and output logits are float32.
+    aux_heads: names (keys of ``HEAD_TYPES``) of the auxiliary heads to build.
   """
 
   num_classes: int
@@ -83,6 +98,7 @@ class Segmenter(nn.Module):
   decoder_channels: int = 256
   aspp_dropout: float = 0.0
   dtype: Any = jnp.float32
+  aux_heads: tuple[str, ...] = ()
 
   def setup(self):
     validate_model_args(self.backbone, self.output_stride)
@@ -105,6 +121,14 @@ class Segmenter(nn.Module):
         dtype=self.dtype,
         name="decoder",
     )
+    unknown = sorted(set(self.aux_heads) - set(HEAD_TYPES))
+    if unknown:
+      raise ValueError(f"Unknown auxiliary heads {unknown}; known: {sorted(HEAD_TYPES)}.")
+    # Half the decoder's width: the heads are meant to be light next to the decoder.
+    head_channels = max(self.decoder_channels // 2, 16)
+    self.heads = {name: HEAD_TYPES[name](channels=head_channels, dtype=self.dtype,
+                                         name=f"head_{name}")
+                  for name in self.aux_heads}
 
   def encode(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
     """Returns the (layer1 stride-4, layer4 stride-OS) backbone features."""
@@ -140,6 +164,9 @@ class Segmenter(nn.Module):
     """
     low, high = self.encode(x, train)
     out = self.decode(low, high, train)
+    if self.is_initializing():
+      for name in self.aux_heads:  # create their parameters; the result is not needed
+        self.reconstruct(out["features"], x.shape[1:3], name)
     return {
         "logits": upsample_logits(out["logits"], x.shape[1:3]),
         "logits_stride4": out["logits"],
@@ -147,8 +174,14 @@ class Segmenter(nn.Module):
     }
 
 
+  def reconstruct(self, features: jax.Array, size: tuple[int, int], head: str) -> jax.Array:
+    """Runs auxiliary head `head` on stride-4 decoder features; float32 [N, *size, 3]."""
+    return self.heads[head](features, tuple(size))
+
+
 def build_segmenter(
-    model_config: ml_collections.ConfigDict, num_classes: int
+    model_config: ml_collections.ConfigDict, num_classes: int,
+    aux_heads: tuple[str, ...] = ()
 ) -> Segmenter:
   """Builds a Segmenter from the ``model`` section of the config.
 
@@ -157,6 +190,8 @@ def build_segmenter(
       width, aspp_channels, decoder_channels, dtype ("float32" | "bfloat16")
       and optionally aspp_dropout (default 0).
     num_classes: number of classes.
+    aux_heads: auxiliary heads the enabled objectives need
+      (`objectives.required_heads(config)`).
 
   Returns:
     An unbound Segmenter.
@@ -172,4 +207,5 @@ def build_segmenter(
       decoder_channels=int(model_config.decoder_channels),
       aspp_dropout=float(model_config.get("aspp_dropout", 0.0)),
       dtype=parse_dtype(model_config.dtype),
+      aux_heads=tuple(sorted(aux_heads)),
   )
