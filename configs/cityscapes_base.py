@@ -42,9 +42,9 @@ def get_config():
   config.optim.poly_power = 0.9
   # cityscapes.yaml criterion OHEM: thresh 0.7, min_kept 200000 per GPU batch of 2 crops.
   # Our OHEM ranks pixels over the global batch of 8 (4 GPUs' worth), so min_kept x 4.
-  config.loss.supervised = "ohem"
-  config.loss.ohem_threshold = 0.7
-  config.loss.ohem_min_kept = 4 * 200000
+  config.losses.supervised = "ohem"
+  config.losses.ohem_threshold = 0.7
+  config.losses.ohem_min_kept = 4 * 200000
   # UniMatch V1 on Cityscapes: conf_thresh 0 (every pseudo-label counts); V2 uses 0.95.
   config.semi.threshold = 0.0
   config.teacher.ema_decay = 0.0  # V1: pseudo-labels from the student (METHODS.md §0)

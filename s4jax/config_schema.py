@@ -135,16 +135,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.augment.cutmix_area = (0.02, 0.4)
   c.augment.cutmix_aspect = (0.3, 1 / 0.3)
 
-  c.loss = ml_collections.ConfigDict()
+  # Losses: the one on labelled pixels, then the auxiliary objectives
+  # (s4jax/losses/registry.py), each switched on by its `enabled`.
+  c.losses = ml_collections.ConfigDict()
   # Loss on labelled pixels: "ce" (cross-entropy) or "ohem" (online hard example mining:
   # only pixels whose true-class probability is below ohem_threshold, but at least
   # ohem_min_kept of the hardest per global batch; UniMatch on Cityscapes).
-  c.loss.supervised = "ce"
-  c.loss.ohem_threshold = 0.7
-  c.loss.ohem_min_kept = 200000
-
-  # Auxiliary objectives (s4jax/losses/registry.py), each switched on by `enabled`.
-  c.losses = ml_collections.ConfigDict()
+  c.losses.supervised = "ce"
+  c.losses.ohem_threshold = 0.7
+  c.losses.ohem_min_kept = 200000
   # Image reconstruction from the decoder features (METHODS.md §1).
   c.losses.recon = ml_collections.ConfigDict()
   c.losses.recon.enabled = False
@@ -286,12 +285,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   _require(e.mode in EVAL_MODES, "eval.mode", e.mode, f"one of {EVAL_MODES}")
   _require(isinstance(e.pad_to, int) and e.pad_to >= 0, "eval.pad_to", e.pad_to,
            "an integer >= 0 (0 = pad each batch to its largest image)")
-  lc = config.loss
-  _require(lc.supervised in SUPERVISED_LOSSES, "loss.supervised", lc.supervised,
+  lc = config.losses
+  _require(lc.supervised in SUPERVISED_LOSSES, "losses.supervised", lc.supervised,
            f"one of {SUPERVISED_LOSSES}")
-  _require(0 < lc.ohem_threshold <= 1, "loss.ohem_threshold", lc.ohem_threshold,
+  _require(0 < lc.ohem_threshold <= 1, "losses.ohem_threshold", lc.ohem_threshold,
            "a probability in (0, 1]")
-  _require(isinstance(lc.ohem_min_kept, int) and lc.ohem_min_kept >= 0, "loss.ohem_min_kept",
+  _require(isinstance(lc.ohem_min_kept, int) and lc.ohem_min_kept >= 0, "losses.ohem_min_kept",
            lc.ohem_min_kept, "an integer >= 0")
   _require(e.window >= 0 and e.stride >= 0, "eval.window/eval.stride", (e.window, e.stride),
            "sizes >= 0 (0 = derived from data.crop_size)")

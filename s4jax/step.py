@@ -120,7 +120,7 @@ def _pseudo_label_diagnostics(pseudo, confidence, valid, hidden_mask, threshold,
 def _supervised_method(forward, data, keys, config):
   del keys
   out = forward(data["x_l"], None)
-  loss_sup = supervised.labelled_loss(out["logits"], data["y_l"], config.loss)
+  loss_sup = supervised.labelled_loss(out["logits"], data["y_l"], config.losses)
   return loss_sup, {"loss_sup": loss_sup}, out["features"], ()
 
 
@@ -131,7 +131,7 @@ def _fixmatch_method(forward, data, keys, config):
   (s1,) = data["views"]
   out = forward(jnp.concatenate([data["x_l"], s1.image]), None)
   losses = {
-      "loss_sup": supervised.labelled_loss(out["logits"][:n_l], data["y_l"], config.loss),
+      "loss_sup": supervised.labelled_loss(out["logits"][:n_l], data["y_l"], config.losses),
       "loss_s1": consistency.pseudo_label_loss(out["logits"][n_l:], s1.pseudo, s1.confidence,
                                                s1.valid, config.semi.threshold),
   }
@@ -161,7 +161,7 @@ def _unimatch_method(forward, data, keys, config):
   s1, s2 = data["views"]
   out2 = forward(jnp.concatenate([s1.image, s2.image]), None)
   losses = {
-      "loss_sup": supervised.labelled_loss(out1["logits"][:n_l], data["y_l"], config.loss),
+      "loss_sup": supervised.labelled_loss(out1["logits"][:n_l], data["y_l"], config.losses),
       "loss_s1": consistency.pseudo_label_loss(out2["logits"][:n_u], s1.pseudo, s1.confidence,
                                                s1.valid, semi.threshold),
       "loss_s2": consistency.pseudo_label_loss(out2["logits"][n_u:], s2.pseudo, s2.confidence,
@@ -195,7 +195,7 @@ def _unimatch_v2_method(forward, data, keys, config):
   s1, s2 = data["views"]
   out = forward(jnp.concatenate([s1.image, s2.image]), encode_decode_comp)
   losses = {
-      "loss_sup": supervised.labelled_loss(out_l["logits"], data["y_l"], config.loss),
+      "loss_sup": supervised.labelled_loss(out_l["logits"], data["y_l"], config.losses),
       "loss_s1": consistency.pseudo_label_loss(out["logits"][:n_u], s1.pseudo, s1.confidence,
                                                s1.valid, semi.threshold),
       "loss_s2": consistency.pseudo_label_loss(out["logits"][n_u:], s2.pseudo, s2.confidence,

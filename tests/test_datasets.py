@@ -329,7 +329,7 @@ def test_ohem_keeps_hard_pixels_only_and_labelled_loss_dispatches():
   hard = supervised.pixel_cross_entropy(logits, labels)[0][0, 2:]
   np.testing.assert_allclose(float(supervised.ohem_cross_entropy(logits, labels, 0.7, 1)),
                              float(hard.mean()), rtol=1e-6)
-  loss_config = config_schema.default_config().loss
+  loss_config = config_schema.default_config().losses
   assert float(supervised.labelled_loss(logits, labels, loss_config)) == pytest.approx(
       float(supervised.cross_entropy(logits, labels)))
   loss_config.unlock()
@@ -463,8 +463,10 @@ def _cli(*args):
 
 
 @pytest.mark.parametrize("name, config, extra", [
-    # Semi-supervised on VOC through the paper's config, whole-image eval at a fixed pad.
-    ("voc", "voc_unimatch.py", ["--config.eval.pad_to=64", "--config.data.labelled_fraction=0.5"]),
+    # The flagship: UniMatch + class-wise MIM on VOC through its config (which starts from
+    # voc_unimatch.py), whole-image eval at a fixed pad; 16-px patches on the 32-px crop.
+    ("voc", "voc_cwmim.py", ["--config.eval.pad_to=64", "--config.data.labelled_fraction=0.5",
+                             "--config.losses.cwmim.patch_size=16"]),
     # Cityscapes: sliding-window eval and the OHEM config (supervised: one compile fewer).
     ("cityscapes", "cityscapes_unimatch.py",
      ["--config.method=supervised", "--config.eval.window=32", "--config.eval.stride=21",
@@ -501,8 +503,8 @@ def test_cli_bad_root_is_one_message_with_the_tree(tmp_path):
       "data.labelled_list": "a.txt"}, "data.split"),
     ({"data.name": "voc", "data.source": "tfds"}, "data.tfds_dir"),
     ({"eval.pad_to": -1}, "eval.pad_to"),
-    ({"loss.supervised": "focal"}, "loss.supervised"),
-    ({"loss.ohem_threshold": 0.0}, "loss.ohem_threshold"),
+    ({"losses.supervised": "focal"}, "losses.supervised"),
+    ({"losses.ohem_threshold": 0.0}, "losses.ohem_threshold"),
 ])
 def test_new_config_keys_are_validated(overrides, key):
   with pytest.raises(ConfigError, match=rf"config\.{key}="):

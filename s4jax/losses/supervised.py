@@ -66,11 +66,11 @@ def ohem_cross_entropy(logits, labels, threshold: float = 0.7, min_kept: int = 2
 
 
 def labelled_loss(logits, labels, loss_config):
-  """The loss on labelled pixels chosen by `config.loss` ("ce" or "ohem")."""
+  """The loss on labelled pixels chosen by `config.losses` ("ce" or "ohem")."""
   if loss_config.supervised == "ce":
     return cross_entropy(logits, labels)
   if loss_config.supervised == "ohem":
     return ohem_cross_entropy(logits, labels, threshold=loss_config.ohem_threshold,
                               min_kept=loss_config.ohem_min_kept)
-  raise ValueError(f"config.loss.supervised must be 'ce' or 'ohem', got "
+  raise ValueError(f"config.losses.supervised must be 'ce' or 'ohem', got "
                    f"{loss_config.supervised!r}.")
