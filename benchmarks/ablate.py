@@ -89,6 +89,8 @@ def main():
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--run", action="append", required=True, help="LABEL=CONFIG [k=v ...]")
   parser.add_argument("--set", action="append", default=[], help="key=value for every run")
+  parser.add_argument("--no_run", action="store_true",
+                      help="tabulate the finished runs only; start nothing")
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--out", required=True)
   args = parser.parse_args()
@@ -102,19 +104,26 @@ def main():
       total_steps = int(kv.split("=", 1)[1])
   os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
 
-  rows, curves = [], {}
+  plan = []
   for label, config, own in runs:
-    overrides = common + own
     steps = total_steps
     for kv in own:
       if kv.startswith("total_steps="):
         steps = int(kv.split("=", 1)[1])
     if steps is None:
       raise SystemExit("give the step budget: --set total_steps=N")
-    for seed in seeds:
+    plan.append((label, config, common + own, steps))
+
+  # Seed-major: an interrupted ablation has every run of the first seeds.
+  rows, curves = [], {}
+  for seed in seeds:
+    for label, config, overrides, steps in plan:
       workdir = os.path.join(args.out, "runs", f"{label}_seed{seed}")
       timing_path = os.path.join(workdir, "ablate_wall_seconds.json")
       summary = summarise_run(read_metrics(workdir), steps)
+      if summary is None and args.no_run:
+        print(f"  {label} seed {seed}: not finished (--no_run)", flush=True)
+        continue
       if summary is None:
         print(f"running {label} seed {seed} ...", flush=True)
         wall = run_one(config, workdir, overrides + [f"seed={seed}"], workdir + ".log")
@@ -139,6 +148,9 @@ def main():
   summary_rows = []
   for label, _, _ in runs:
     mine = [r for r in rows if r["label"] == label]
+    if not mine:
+      lines.append(f"| {label} | " + " | ".join("-" for _ in metrics) + " | no finished run |")
+      continue
     cells, summary_row = [], {"label": label, "seed": "mean"}
     for m in metrics:
       mean, spread = mean_spread([r[m] for r in mine])
@@ -148,7 +160,8 @@ def main():
     wall_mean = np.mean([r["wall_seconds"] for r in mine])
     summary_row["wall_seconds"] = wall_mean
     summary_rows.append(summary_row)
-    lines.append(f"| {label} | " + " | ".join(cells) + f" | {wall_mean / 60:.1f} min |")
+    lines.append(f"| {label} | " + " | ".join(cells) + f" | {wall_mean / 60:.1f} min"
+                 + (f" ({len(mine)} seeds)" if len(mine) != len(seeds) else "") + " |")
   table = "\n".join(lines)
   print("\n" + table)
   with open(os.path.join(args.out, "results.md"), "w") as f:
