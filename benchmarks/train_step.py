@@ -33,6 +33,22 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (after one warm-up step).
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 21, "Classes of the segmentation head.")
 
 
+def encoder_images(config):
+  """(student train-mode, student extra, teacher) images through the encoder per step."""
+  n_l = config.batch_size
+  n_u = config_schema.unlabelled_batch_size(config) if config.method != "supervised" else 0
+  train_mode = {"supervised": n_l, "fixmatch": n_l + n_u, "unimatch": n_l + 3 * n_u,
+                "unimatch_v2": n_l + 2 * n_u}[config.method]
+  extra = 0
+  cw = config.losses.cwmim
+  if cw.enabled:
+    if cw.rec_weight > 0 or cw.fa_weight > 0:
+      extra += cw.classes_per_image * (n_l + (n_u if cw.on_unlabelled else 0))
+    if cw.smim_weight > 0:
+      extra += n_u
+  return train_mode, extra, n_u
+
+
 def random_batch(config, rng):
   """A host batch with the keys the train step of this config reads."""
   n, c = config.batch_size, config.data.crop_size
@@ -77,6 +93,10 @@ def main(argv):
   print(f"config: method={config.method} backbone={config.model.backbone} width={config.model.width} "
         f"crop={crop} batch={config.batch_size} dtype={config.model.dtype} "
         f"devices={mesh.size} ({jax.devices()[0].platform})")
+  objectives = [o.name for o, _ in registry.enabled(config)]
+  train_mode, extra, teacher = encoder_images(config)
+  print(f"objectives: {', '.join(objectives) or 'none'}; images through the encoder per step: "
+        f"{train_mode} student train-mode + {extra} objective extra + {teacher} teacher")
   print(f"compile time      {compile_s:8.2f} s")
   print(f"median step time  {median:8.3f} s   (min {min(times):.3f}, max {max(times):.3f}, "
         f"{len(times)} steps)")
