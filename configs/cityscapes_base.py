@@ -25,8 +25,9 @@ def get_config():
   config.data.scale_range = (0.5, 2.0)
   # ResNet-101, deep stem (UniMatch's backbone), output stride 16 (cityscapes.yaml:
   # replace_stride_with_dilation [False, False, True]; ASPP rates 6/12/18, the model's
-  # default at OS16). NOTE: ImageNet weights are not loaded (no weight conversion in s4jax
-  # yet); from scratch this will not reach the papers' numbers.
+  # default at OS16). UniMatch starts from ImageNet weights (its pretrained/resnet101.pth):
+  # give them with --config.model.pretrained=resnet101.npz (s4jax/models/convert.py); from
+  # scratch this will not reach the papers' numbers.
   config.model.backbone = "resnet101"
   config.model.deep_stem = True
   config.model.output_stride = 16

@@ -29,8 +29,9 @@ def get_config():
   config.data.scale_range = (0.5, 2.0)  # UniMatch dataset/transform.py resize(0.5, 2.0)
   # ResNet-101 with the deep stem (three 3x3 convs), output stride 16 (pascal.yaml:
   # backbone resnet101, replace_stride_with_dilation [False, False, True]).
-  # NOTE: ImageNet weights are not loaded: s4jax has no weight conversion yet, so these
-  # configs train from scratch and will not reach the papers' numbers until it does.
+  # UniMatch starts from ImageNet weights (its pretrained/resnet101.pth, deep stem): give
+  # them with --config.model.pretrained=resnet101.npz (s4jax/models/convert.py); from
+  # scratch these configs will not reach the papers' numbers.
   config.model.backbone = "resnet101"
   config.model.deep_stem = True
   config.model.output_stride = 16

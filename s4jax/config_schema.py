@@ -60,6 +60,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.aspp_dropout = 0.0
   # Compute dtype; parameters, optimizer state and BN statistics stay float32.
   c.model.dtype = "float32"
+  # Pretrained backbone weights (torchvision / UniMatch ResNet; .npz, or .pth with PyTorch),
+  # loaded into student and teacher when a run starts without a checkpoint; "" = from
+  # scratch. See s4jax/models/convert.py.
+  c.model.pretrained = ""
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "shapes"
@@ -317,7 +321,7 @@ def eval_window(config) -> tuple[int, int]:
 # resumed with different values for these.
 OPERATIONAL_KEYS = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
                     "num_visualised", "data.num_workers", "data.root", "data.tfds_dir",
-                    "data.on_bad_example", "eval.batch_size")
+                    "data.on_bad_example", "eval.batch_size", "model.pretrained")
 
 
 def sibling_config(config_path: str, filename: str) -> ml_collections.ConfigDict:

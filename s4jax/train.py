@@ -32,6 +32,7 @@ from s4jax.data import datasets
 from s4jax.data import pipeline
 from s4jax.errors import ConfigError, NonFiniteLossError, UserInputError
 from s4jax.losses import registry
+from s4jax.models import convert
 from s4jax.models import segmenter
 
 
@@ -104,7 +105,22 @@ class Run:
     """The latest checkpoint of this workdir (iterators restored in place) or a fresh state."""
     state = self.initial_state()
     restored = self.checkpointer.restore_latest(state, self.iterators)
-    return state if restored is None else restored
+    if restored is not None:
+      return restored
+    return self.with_pretrained_backbone(state)
+
+  def with_pretrained_backbone(self, state):
+    """`state` with student and teacher backbones from `config.model.pretrained` (if set)."""
+    path = self.config.model.pretrained
+    if not path:
+      return state
+    params, batch_stats = convert.load_backbone(path, jax.device_get(state.params),
+                                                jax.device_get(state.batch_stats))
+    put = lambda tree: jax.device_put(tree, sharding.replicated(self.mesh))  # noqa: E731
+    logging.info("Backbone initialised from %s.", path)
+    # The optimizer state holds zeros/moments of the same shapes: it needs no change.
+    return state.replace(params=put(params), batch_stats=put(batch_stats),
+                         ema_params=put(params), ema_batch_stats=put(batch_stats))
 
   def next_batch(self) -> dict:
     """The labelled batch, plus the unlabelled one under `u_*` keys (semi-supervised)."""

@@ -1,0 +1,166 @@
+"""Pretrained backbone weights: torchvision / UniMatch ResNet state dicts -> our parameters.
+
+The UniMatch recipes (configs/voc_*.py, cityscapes_*.py) start from ImageNet-pretrained
+ResNets: torchvision's files for the 7x7 stem, UniMatch's `resnet50.pth` / `resnet101.pth`
+for the deep stem. `config.model.pretrained` names such a file; the loop loads it into the
+backbone (student and teacher) when a run starts without a checkpoint. The name mapping is
+documented in models/resnet.py.
+
+Files: `.npz` (one array per torch parameter name; written by this module's command, which
+needs PyTorch only for the conversion) or `.pth` / `.pt` (read with PyTorch when it is
+installed). Convert once where torch is available:
+
+  python -m s4jax.models.convert resnet101.pth resnet101.npz
+
+Prefixes "module." (DataParallel) and "backbone." (a whole UniMatch model) are stripped;
+`fc.*` and `num_batches_tracked` are ignored.
+"""
+
+import os
+import re
+import sys
+
+import numpy as np
+
+from s4jax.errors import ConfigError
+
+_IGNORED = re.compile(r"^(fc\.|.*num_batches_tracked$)")
+_PREFIXES = ("module.", "backbone.")
+# UniMatch's deep stem: conv1 = Sequential(conv, bn, relu, conv, bn, relu, conv).
+_DEEP_STEM = {"0": "conv1_0", "1": "bn1_0", "3": "conv1_1", "4": "bn1_1", "6": "conv1_2"}
+
+
+def _module_path(parts: list[str]) -> tuple[str, ...] | None:
+  """Torch module path (without the leaf) -> our module path; None if unknown."""
+  if parts == ["conv1"] or parts == ["bn1"]:
+    return (parts[0],)
+  if len(parts) == 2 and parts[0] == "conv1" and parts[1] in _DEEP_STEM:
+    return (_DEEP_STEM[parts[1]],)
+  if len(parts) >= 3 and re.fullmatch(r"layer[1-4]", parts[0]) and parts[1].isdigit():
+    block = f"{parts[0]}_{parts[1]}"
+    rest = parts[2:]
+    if len(rest) == 1 and re.fullmatch(r"(conv|bn)[1-3]", rest[0]):
+      return (block, rest[0])
+    if rest == ["downsample", "0"]:
+      return (block, "downsample_conv")
+    if rest == ["downsample", "1"]:
+      return (block, "downsample_bn")
+  return None
+
+
+def torch_to_flax(state_dict, source: str = "the weights") -> dict:
+  """{torch name: array} -> {"params": {...}, "batch_stats": {...}} of the backbone.
+
+  Raises ConfigError naming `source` and the first name it cannot place.
+  """
+  params, stats = {}, {}
+  for name, value in state_dict.items():
+    for prefix in _PREFIXES:
+      if name.startswith(prefix):
+        name = name[len(prefix):]
+    if _IGNORED.match(name):
+      continue
+    *module, leaf = name.split(".")
+    path = _module_path(module)
+    if path is None:
+      raise ConfigError(
+          f"{source}: parameter {name!r} is not part of a torchvision/UniMatch ResNet "
+          "backbone. config.model.pretrained expects such a file (see s4jax/models/convert.py).")
+    value = np.asarray(value, np.float32)
+    is_conv = path[-1].startswith("conv") or path[-1] == "downsample_conv"
+    if leaf == "weight" and is_conv:
+      target, key, value = params, "kernel", value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    elif leaf in ("weight", "bias"):
+      target, key = params, {"weight": "scale", "bias": "bias"}[leaf]
+    elif leaf in ("running_mean", "running_var"):
+      target, key = stats, {"running_mean": "mean", "running_var": "var"}[leaf]
+    else:
+      raise ConfigError(f"{source}: unexpected parameter {name!r}.")
+    node = target
+    for part in path:
+      node = node.setdefault(part, {})
+    node[key] = value
+  if not params:
+    raise ConfigError(f"{source}: no ResNet parameters found (an empty or unrelated file?).")
+  return {"params": params, "batch_stats": stats}
+
+
+def read_state_dict(path: str) -> dict:
+  """{name: np.ndarray} from an .npz, or from a .pth/.pt when PyTorch is installed."""
+  if not os.path.isfile(path):
+    raise ConfigError(f"config.model.pretrained={path!r} is not a file. Give the path of a "
+                      "ResNet weights file (.npz, or .pth with PyTorch installed).")
+  if path.endswith(".npz"):
+    try:
+      with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+    except (OSError, ValueError) as e:
+      raise ConfigError(f"config.model.pretrained={path!r} could not be read as .npz: {e}")
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ConfigError(
+        f"config.model.pretrained={path!r} is a PyTorch file, but PyTorch is not installed. "
+        f"Convert it once where torch is: python -m s4jax.models.convert {path} "
+        f"{os.path.splitext(path)[0]}.npz") from None
+  loaded = torch.load(path, map_location="cpu", weights_only=True)
+  if isinstance(loaded, dict) and "state_dict" in loaded:
+    loaded = loaded["state_dict"]
+  return {k: v.detach().cpu().numpy() for k, v in loaded.items() if hasattr(v, "detach")}
+
+
+def _merge(ours, theirs, source, where):
+  """Copy of `ours` with every leaf of `theirs` put in, checking names and shapes."""
+  merged = dict(ours)
+  for key, value in theirs.items():
+    path = f"{where}/{key}"
+    if key not in ours:
+      raise ConfigError(f"{source}: {path} does not exist in the model (config.model.backbone "
+                        "or model.deep_stem does not match the weights?).")
+    if isinstance(value, dict):
+      merged[key] = _merge(ours[key], value, source, path)
+    else:
+      if tuple(np.shape(ours[key])) != tuple(value.shape):
+        raise ConfigError(f"{source}: {path} has shape {tuple(value.shape)} in the file but "
+                          f"{tuple(np.shape(ours[key]))} in the model (config.model.width or "
+                          "backbone does not match the weights?).")
+      merged[key] = value
+  return merged
+
+
+def _count(tree) -> int:
+  return sum(_count(v) if isinstance(v, dict) else 1 for v in tree.values())
+
+
+def load_backbone(path: str, params: dict, batch_stats: dict) -> tuple[dict, dict]:
+  """(params, batch_stats) with the backbone taken from the file at `path`.
+
+  Every backbone parameter and statistic of the model must come from the file: a partial
+  match is an error naming what is missing, never a silently half-initialised backbone.
+  """
+  converted = torch_to_flax(read_state_dict(path), source=path)
+  backbone_params = _merge(params["backbone"], converted["params"], path, "params/backbone")
+  backbone_stats = _merge(batch_stats["backbone"], converted["batch_stats"], path,
+                          "batch_stats/backbone")
+  expected = _count(params["backbone"]) + _count(batch_stats["backbone"])
+  found = _count(converted["params"]) + _count(converted["batch_stats"])
+  if found != expected:
+    raise ConfigError(f"{path}: holds {found} of the backbone's {expected} parameters and "
+                      "statistics (config.model.backbone or model.deep_stem does not match?).")
+  return ({**params, "backbone": backbone_params},
+          {**batch_stats, "backbone": backbone_stats})
+
+
+def main(argv):
+  if len(argv) != 3:
+    print("usage: python -m s4jax.models.convert WEIGHTS.pth OUT.npz", file=sys.stderr)
+    return 2
+  state_dict = read_state_dict(argv[1])
+  torch_to_flax(state_dict, source=argv[1])  # fail now, not when training starts
+  np.savez(argv[2], **state_dict)
+  print(f"wrote {argv[2]} ({len(state_dict)} arrays)")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))
