@@ -39,7 +39,8 @@ from s4jax.models import segmenter
 class Run:
   """Everything a run builds once: mesh, data, model, compiled steps, state, checkpoints."""
 
-  def __init__(self, config, workdir: str, *, overwrite: bool = False):
+  def __init__(self, config, workdir: str, *, overwrite: bool = False, training: bool = True):
+    """`training=False` (evaluation) builds no training streams and writes no config record."""
     self.config = config
     self.workdir = workdir
     self.mesh = sharding.make_mesh()
@@ -47,7 +48,8 @@ class Run:
     self.process_count = jax.process_count()
     config_schema.validate(config, num_devices=self.mesh.size, process_count=self.process_count)
     self.is_writer = self.process_index == 0
-    status = workdir_lib.prepare(workdir, config, overwrite=overwrite, is_writer=self.is_writer)
+    status = workdir_lib.prepare(workdir, config, overwrite=overwrite, is_writer=self.is_writer,
+                                 record=training)
     if status.startswith("moved:"):
       logging.info("Moved the previous run in %s to %s", workdir, status.split(":", 1)[1])
 
@@ -57,34 +59,12 @@ class Run:
     self.tx = optim.make_optimizer(config.optim, config.total_steps)
     self.lr_schedule = optim.lr_schedule(config.optim, config.total_steps)
 
-    crop = config.data.crop_size
-
     self.semi_supervised = config.method != "supervised"
-    if self.semi_supervised and len(self.data.unlabelled_indices) == 0:
-      raise ConfigError(
-          f"config.method={config.method!r} needs unlabelled images, but the unlabelled set is "
-          f"empty (config.data.labelled_fraction={config.data.labelled_fraction}). Lower the "
-          "labelled fraction, give an unlabelled list, or use --config.method=supervised.")
-    stream = functools.partial(
-        pipeline.make_train_iterator, self.data.train_source, crop_size=crop, seed=config.seed,
-        scale_range=tuple(config.data.scale_range), process_index=self.process_index,
-        process_count=self.process_count, num_workers=config.data.num_workers)
-    self.iterators = {"labelled": stream(
-        self.data.labelled_indices, batch_size=config.batch_size // self.process_count,
-        kind="labelled")}
-    if self.semi_supervised:
-      self.unlabelled_batch_size = config_schema.unlabelled_batch_size(config)
-      self.iterators["unlabelled"] = stream(
-          self.data.unlabelled_indices,
-          batch_size=self.unlabelled_batch_size // self.process_count, kind="unlabelled")
-      local = self.unlabelled_batch_size // self.mesh.size
-      if local % 2:
-        logging.warning(
-            "%d unlabelled images per device: CutMix pairs example 2i with 2i+1 on each device, "
-            "so the last one mixes with itself. An even number per device avoids this.", local)
-
+    self.unlabelled_batch_size = config_schema.unlabelled_batch_size(config)
+    self.iterators = self._training_streams(config) if training else {}
+    stream_names = ("labelled", "unlabelled") if self.semi_supervised else ("labelled",)
     self.checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints,
-                                                   iterator_names=tuple(self.iterators))
+                                                   iterator_names=stream_names)
     self.train_step = step_lib.make_train_step(
         self.model, self.tx, config, self.mesh,
         background_classes=self.data.background_classes)
@@ -94,6 +74,32 @@ class Run:
     self.writer = logs.MetricWriter(workdir, enabled=self.is_writer)
     self.param_norm = jax.jit(optax.tree.norm)
     self._visualise = None  # compiled on first use by objective_grids
+
+  def _training_streams(self, config) -> dict:
+    """The labelled (and unlabelled) training iterators of this process."""
+    if self.semi_supervised and len(self.data.unlabelled_indices) == 0:
+      raise ConfigError(
+          f"config.method={config.method!r} needs unlabelled images, but the unlabelled set is "
+          f"empty (config.data.labelled_fraction={config.data.labelled_fraction}). Lower the "
+          "labelled fraction, give an unlabelled list, or use --config.method=supervised.")
+    stream = functools.partial(
+        pipeline.make_train_iterator, self.data.train_source, crop_size=config.data.crop_size,
+        seed=config.seed, scale_range=tuple(config.data.scale_range),
+        process_index=self.process_index, process_count=self.process_count,
+        num_workers=config.data.num_workers)
+    iterators = {"labelled": stream(
+        self.data.labelled_indices, batch_size=config.batch_size // self.process_count,
+        kind="labelled")}
+    if self.semi_supervised:
+      iterators["unlabelled"] = stream(
+          self.data.unlabelled_indices,
+          batch_size=self.unlabelled_batch_size // self.process_count, kind="unlabelled")
+      local = self.unlabelled_batch_size // self.mesh.size
+      if local % 2:
+        logging.warning(
+            "%d unlabelled images per device: CutMix pairs example 2i with 2i+1 on each device, "
+            "so the last one mixes with itself. An even number per device avoids this.", local)
+    return iterators
 
   def initial_state(self):
     crop = self.config.data.crop_size
@@ -333,7 +339,7 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
 
 def evaluate_only(config, workdir: str, *, which: str = "best") -> dict:
   """Evaluates the best (or latest) checkpoint of `workdir` without training."""
-  run = Run(config, workdir)
+  run = Run(config, workdir, training=False)
   template = run.initial_state()
   state = (run.checkpointer.restore_best(template) if which == "best"
            else run.checkpointer.restore_latest(template, {}))

@@ -42,7 +42,8 @@ def differing_keys(old: dict, new: dict) -> list[str]:
           and k not in config_schema.OPERATIONAL_KEYS]
 
 
-def prepare(workdir: str, config, *, overwrite: bool = False, is_writer: bool = True) -> str:
+def prepare(workdir: str, config, *, overwrite: bool = False, is_writer: bool = True,
+            record: bool = True) -> str:
   """Creates or checks `workdir`; returns "new", "resume" or "moved:<path>".
 
   Raises WorkdirConflictError if the workdir holds a run with a different config and
@@ -84,7 +85,7 @@ def prepare(workdir: str, config, *, overwrite: bool = False, is_writer: bool = 
     raise WorkdirConflictError(
         f"The workdir {workdir} has checkpoints but no {CONFIG_FILE}, so it cannot be checked "
         "against this config. Use another --workdir, or pass --overwrite to move it aside.")
-  if is_writer:
+  if is_writer and record:  # record=False: check only (evaluation writes no config record)
     os.makedirs(workdir, exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

@@ -33,10 +33,13 @@ def test_cli_trains_evaluates_and_resumes(tmp_path):
   records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [r["step"] for r in records if "train/loss" in r] == [1, 2]
   assert any("eval/teacher_miou" in r for r in records)
-  # eval mode reads the best checkpoint
+  # eval mode reads the best checkpoint and leaves the run's records as they were
+  record = os.path.join(workdir, "config.json")
+  stamp = os.stat(record).st_mtime_ns
   evaluated = _cli(f"--config={CONFIG}", f"--workdir={workdir}", "--mode=eval", *TINY)
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   assert "eval of the best checkpoint (step 2)" in evaluated.stderr
+  assert os.stat(record).st_mtime_ns == stamp
 
 
 @pytest.mark.parametrize("override, key", [
