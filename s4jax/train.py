@@ -173,13 +173,15 @@ class Run:
         results[f"eval/{who}_iou/{name}"] = iou
     return results, all_scores
 
-  def prediction_grid(self, state) -> np.ndarray | None:
+  def first_eval_batch(self) -> dict:
+    """The first validation batch as global arrays (the images the grids show)."""
+    return sharding.host_to_global(next(iter(self.eval_batches())), self.mesh)
+
+  def prediction_grid(self, state, batch) -> np.ndarray | None:
     """image | ground truth | student | teacher for the first validation images."""
     count = self.config.num_visualised
     if count == 0:
       return None
-    local = next(iter(self.eval_batches()))
-    batch = sharding.host_to_global(local, self.mesh)
     preds = {who: multihost_utils.process_allgather(self.predict(v, batch["image"]), tiled=True)
              for who, v in (("student", state.student_variables()),
                             ("teacher", state.teacher_variables()))}
@@ -195,7 +197,7 @@ class Run:
                    viz.colorize(preds["teacher"][i], palette)])
     return viz.image_grid(rows) if rows else None
 
-  def objective_grids(self, state, step: int) -> dict[str, np.ndarray]:
+  def objective_grids(self, state, batch, step: int) -> dict[str, np.ndarray]:
     """Each enabled objective's own pictures (e.g. input | masked input | reconstruction) of
     the first validation images, by the student; {name: grid}."""
     count = self.config.num_visualised
@@ -210,8 +212,6 @@ class Run:
                                          masks, rng, cfg))
         return {k: augment.denormalize_to_uint8(v) for k, v in out.items()}
       self._visualise = jax.jit(panels)
-    local = next(iter(self.eval_batches()))
-    batch = sharding.host_to_global(local, self.mesh)
     rng = jax.random.fold_in(jax.random.key(self.config.seed), step)
     out = self._visualise(state.student_variables(), batch["image"], batch["mask"], rng)
     masks = multihost_utils.process_allgather(batch["mask"], tiled=True)
@@ -303,8 +303,9 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
       logging.info("eval @%d: student mIoU %.2f, teacher mIoU %.2f (%.1fs)", done,
                    100 * final_eval["eval/student_miou"], 100 * final_eval["eval/teacher_miou"],
                    final_eval["eval/seconds"])
-      grids = run.objective_grids(state, done)
-      grid = run.prediction_grid(state)
+      shown = run.first_eval_batch() if config.num_visualised else None
+      grids = run.objective_grids(state, shown, done)
+      grid = run.prediction_grid(state, shown)
       if grid is not None:
         grids["predictions"] = grid
       if grids:
