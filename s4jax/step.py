@@ -92,9 +92,18 @@ def _strong_views(key, unit_images, pseudo, confidence, valid, config, mesh):
       valid=v, features=None)
 
 
-def _pseudo_label_diagnostics(pseudo, confidence, valid, hidden_mask, threshold, num_classes):
+def _pseudo_label_diagnostics(pseudo, confidence, valid, hidden_mask, threshold, num_classes,
+                              background_classes=(0,)):
   """Share of confident pixels, and (when the dataset has hidden masks) pseudo-label
-  accuracy and a confusion matrix against them. Never used for training."""
+  accuracy, a confusion matrix, and the object-class coverage and precision against them.
+  Never used for training.
+
+  Object coverage: of the object pixels (hidden class not in `background_classes`), the
+  share that are confident and correctly labelled. Object precision: of the confident
+  pixels labelled as an object class, the share that are right. The pseudo-label loss
+  teaches object classes only through covered pixels, so a low coverage (or a precision
+  near chance) means the unlabelled images teach little more than background.
+  """
   valid_f = valid.astype(jnp.float32)
   confident = (confidence >= threshold).astype(jnp.float32) * valid_f
   metrics = {"train/confident_fraction": confident.sum() / jnp.maximum(valid_f.sum(), 1.0)}
@@ -109,6 +118,13 @@ def _pseudo_label_diagnostics(pseudo, confidence, valid, hidden_mask, threshold,
     masked_truth = jnp.where(labelled > 0, hidden_mask, supervised.IGNORE_INDEX)
     metrics["train/pseudo_confusion"] = evaluate.confusion_matrix(pseudo, masked_truth,
                                                                   num_classes)
+    background = jnp.asarray(background_classes, jnp.int32)
+    truth_object = ~jnp.isin(hidden_mask.astype(jnp.int32), background) * labelled
+    pseudo_object = ~jnp.isin(pseudo, background) * conf_lab
+    metrics["train/pseudo_object_coverage"] = (correct * confident * truth_object).sum() / (
+        jnp.maximum(truth_object.sum(), 1.0))
+    metrics["train/pseudo_object_precision"] = (correct * pseudo_object).sum() / jnp.maximum(
+        pseudo_object.sum(), 1.0)
   return metrics
 
 
@@ -245,7 +261,7 @@ def train_step(state, batch, *, model, tx, config, mesh, background_classes=(0,)
                       mesh) for k in jax.random.split(k_views, num_views))
     metrics.update(_pseudo_label_diagnostics(
         data["pseudo"], data["confidence"], data["valid"], batch.get("u_mask"),
-        config.semi.threshold, teacher_logits.shape[-1]))
+        config.semi.threshold, teacher_logits.shape[-1], tuple(background_classes)))
   keys = {"fp": k_fp, "comp": k_comp}
 
   def loss_fn(params):

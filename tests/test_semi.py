@@ -135,6 +135,31 @@ def test_pseudo_label_diagnostics_against_hidden_masks():
   np.testing.assert_allclose(m["train/pseudo_accuracy"], 2 / 3)
   np.testing.assert_allclose(m["train/pseudo_accuracy_confident"], 1.0)
   assert int(m["train/pseudo_confusion"].sum()) == 3
+  # Object pixels (class != 0): (0,1) truth 2 not confident; (1,0) truth 2, confident, right.
+  np.testing.assert_allclose(m["train/pseudo_object_coverage"], 1 / 2)
+  np.testing.assert_allclose(m["train/pseudo_object_precision"], 1.0)
+
+
+def test_pseudo_label_object_diagnostics_against_numpy():
+  rng = np.random.default_rng(0)
+  shape, k, background = (3, 8, 8), 5, (0, 3)
+  pseudo = rng.integers(0, k, shape)
+  conf = rng.uniform(size=shape)
+  valid = rng.uniform(size=shape) > 0.2
+  truth = rng.integers(0, k, shape).astype(np.uint8)
+  truth[rng.uniform(size=shape) < 0.1] = 255
+  m = step_lib._pseudo_label_diagnostics(jnp.asarray(pseudo), jnp.asarray(conf),
+                                         jnp.asarray(valid), jnp.asarray(truth), 0.5, k,
+                                         background)
+  labelled = valid & (truth != 255)
+  confident = labelled & (conf >= 0.5)
+  right = pseudo == truth
+  is_object = labelled & ~np.isin(truth, background)
+  labelled_object = confident & ~np.isin(pseudo, background)
+  np.testing.assert_allclose(m["train/pseudo_object_coverage"],
+                             (right & confident & is_object).sum() / is_object.sum(), rtol=1e-6)
+  np.testing.assert_allclose(m["train/pseudo_object_precision"],
+                             (right & labelled_object).sum() / labelled_object.sum(), rtol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["fixmatch", "unimatch_v2"])
