@@ -19,7 +19,6 @@ report only. Images are the un-augmented ones (the training teacher sees weak cr
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -31,35 +30,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from s4jax import augment  # noqa: E402
-from s4jax import config_schema  # noqa: E402
 from s4jax import evaluate  # noqa: E402
 from s4jax import sharding  # noqa: E402
 from s4jax import train  # noqa: E402
+from s4jax import workdir as workdir_lib  # noqa: E402
 from s4jax.data import pipeline  # noqa: E402
-
-
-def _overlay(target, values, prefix=""):
-  """Writes the recorded JSON values into the (typed) default config."""
-  for key, value in values.items():
-    if key not in target:
-      raise SystemExit(f"{prefix}{key} in config.json is not a config key of this version "
-                       "(a run from an older s4jax?).")
-    if isinstance(value, dict):
-      _overlay(target[key], value, prefix=f"{prefix}{key}.")
-    else:
-      current = target[key]
-      target[key] = tuple(value) if isinstance(current, tuple) else value
-
-
-def load_recorded_config(workdir):
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise SystemExit(f"{path} does not exist: --workdir must be a training run's directory.")
-  with open(path) as f:
-    recorded = json.load(f)
-  config = config_schema.default_config()
-  _overlay(config, recorded)
-  return config
 
 
 def per_threshold_confusions(run, state, source, thresholds, max_images):
@@ -105,7 +80,7 @@ def main():
   args = parser.parse_args()
   thresholds = tuple(float(t) for t in args.thresholds.split(","))
 
-  config = load_recorded_config(args.workdir)
+  config = workdir_lib.recorded_config(args.workdir)
   run = train.Run(config, args.workdir, training=False)
   template = run.initial_state()
   state = (run.checkpointer.restore_best(template) if args.which == "best"

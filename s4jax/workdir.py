@@ -29,6 +29,34 @@ def _flatten(d, prefix=""):
   return out
 
 
+def recorded_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run recorded in `workdir`, as a typed config (the defaults overlaid)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise WorkdirConflictError(
+        f"{path} does not exist: {workdir!r} is not the directory of a training run.")
+  with open(path) as f:
+    try:
+      values = json.load(f)
+    except json.JSONDecodeError as e:
+      raise WorkdirConflictError(f"{path} is not valid JSON ({e}).") from None
+  config = config_schema.default_config()
+
+  def overlay(target, values, prefix):
+    for key, value in values.items():
+      if key not in target:
+        raise WorkdirConflictError(
+            f"{path}: {prefix}{key} is not a config key of this version of s4jax (a run "
+            "from an older version?).")
+      if isinstance(value, dict):
+        overlay(target[key], value, f"{prefix}{key}.")
+      else:
+        target[key] = tuple(value) if isinstance(target[key], tuple) else value
+
+  overlay(config, values, "")
+  return config
+
+
 def config_as_dict(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort())
 

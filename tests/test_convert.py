@@ -113,3 +113,45 @@ def test_run_starts_from_the_pretrained_backbone(tmp_path):
       np.testing.assert_array_equal(np.asarray(a), b)
   run.checkpointer.close()
   run.writer.close()
+
+
+@pytest.mark.parametrize("deep_stem", [False, True])
+def test_flax_to_torch_inverts_the_torch_mapping(deep_stem):
+  params, stats = _variables(3, deep_stem=deep_stem)
+  want = _as_torch_state_dict(params, stats)
+  del want["fc.weight"], want["bn1.num_batches_tracked"]
+  got = convert.flax_to_torch(params["backbone"], stats["backbone"])
+  assert sorted(got) == sorted(want)
+  for name, value in want.items():
+    np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
+def test_exported_backbone_starts_another_run(tmp_path):
+  from s4jax import export_backbone  # pylint: disable=g-import-not-at-top
+  from s4jax.errors import UserInputError  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "pretrain")
+  run = train.Run(tiny_config(), workdir)
+  state = run.restore_or_init()
+  # A teacher that differs from the student, so the export's choice shows.
+  state = state.replace(ema_params=jax.tree.map(lambda x: x + 1.0, state.ema_params))
+  run.checkpointer.save(3, state, run.iterators)
+  run.checkpointer.wait()
+  run.checkpointer.close()
+  run.writer.close()
+  teacher, student = str(tmp_path / "teacher.npz"), str(tmp_path / "student.npz")
+  export_backbone.export(workdir, teacher)
+  export_backbone.export(workdir, student, weights="student")
+  with pytest.raises(UserInputError, match="teacher.npz.* exists"):
+    export_backbone.export(workdir, teacher)
+  with pytest.raises(UserInputError, match="not the directory of a training run"):
+    export_backbone.export(str(tmp_path / "nothing"), str(tmp_path / "x.npz"))
+
+  expected = jax.device_get(state)
+  for name, path, want in (("t", teacher, expected.ema_params),
+                           ("s", student, expected.params)):
+    new = train.Run(tiny_config(**{"model.pretrained": path}), str(tmp_path / f"run_{name}"))
+    got = jax.device_get(new.restore_or_init())
+    for a, b in zip(jax.tree.leaves(want["backbone"]), jax.tree.leaves(got.params["backbone"])):
+      np.testing.assert_array_equal(np.asarray(a), b)
+    new.checkpointer.close()
+    new.writer.close()

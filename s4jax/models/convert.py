@@ -13,7 +13,8 @@ installed). Convert once where torch is available:
   python -m s4jax.models.convert resnet101.pth resnet101.npz
 
 Prefixes "module." (DataParallel) and "backbone." (a whole UniMatch model) are stripped;
-`fc.*` and `num_batches_tracked` are ignored.
+`fc.*` and `num_batches_tracked` are ignored. A backbone trained with s4jax is written in the
+same format by `python -m s4jax.export_backbone` (`flax_to_torch`).
 """
 
 import os
@@ -83,6 +84,41 @@ def torch_to_flax(state_dict, source: str = "the weights") -> dict:
   if not params:
     raise ConfigError(f"{source}: no ResNet parameters found (an empty or unrelated file?).")
   return {"params": params, "batch_stats": stats}
+
+
+_STEM_NAMES = {ours: f"conv1.{theirs}" for theirs, ours in _DEEP_STEM.items()}
+_TORCH_LEAF = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
+
+
+def _torch_module(path: tuple[str, ...]) -> str:
+  """Our module path -> torch's module name (the inverse of `_module_path`)."""
+  if len(path) == 1:
+    return _STEM_NAMES.get(path[0], path[0])
+  layer, block = path[0].split("_")
+  inner = {"downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}.get(
+      path[1], path[1])
+  return f"{layer}.{block}.{inner}"
+
+
+def flax_to_torch(params: dict, batch_stats: dict) -> dict:
+  """Backbone {"params"}, {"batch_stats"} trees -> {torch name: array}: the file format
+  `config.model.pretrained` reads, so a backbone trained here can start another run."""
+  out = {}
+
+  def visit(tree, path):
+    for key, value in tree.items():
+      if isinstance(value, dict):
+        visit(value, path + (key,))
+        continue
+      value = np.asarray(value, np.float32)
+      if key == "kernel":
+        out[f"{_torch_module(path)}.weight"] = value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+      else:
+        out[f"{_torch_module(path)}.{_TORCH_LEAF[key]}"] = value
+
+  visit(params, ())
+  visit(batch_stats, ())
+  return out
 
 
 def read_state_dict(path: str) -> dict:
