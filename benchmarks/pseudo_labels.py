@@ -35,6 +35,7 @@ from s4jax import sharding  # noqa: E402
 from s4jax import train  # noqa: E402
 from s4jax import workdir as workdir_lib  # noqa: E402
 from s4jax.data import pipeline  # noqa: E402
+from s4jax.errors import UserInputError  # noqa: E402
 
 
 def per_threshold_confusions(run, state, source, thresholds, max_images):
@@ -80,13 +81,12 @@ def main():
   args = parser.parse_args()
   thresholds = tuple(float(t) for t in args.thresholds.split(","))
 
-  config = workdir_lib.recorded_config(args.workdir)
-  run = train.Run(config, args.workdir, training=False)
-  template = run.initial_state()
-  state = (run.checkpointer.restore_best(template) if args.which == "best"
-           else run.checkpointer.restore_latest(template, {}))
-  if state is None:
-    raise SystemExit(f"No {args.which} checkpoint in {args.workdir}.")
+  try:
+    config = workdir_lib.recorded_config(args.workdir)
+    run = train.Run(config, args.workdir, training=False)
+    state = run.restore_saved(args.which)
+  except UserInputError as e:
+    raise SystemExit(f"error: {e}") from None
   if run.data.unlabelled_has_masks and len(run.data.unlabelled_indices):
     source, where = (pipeline.SubsetSource(run.data.train_source, run.data.unlabelled_indices),
                      "unlabelled training images")

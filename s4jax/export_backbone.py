@@ -38,13 +38,11 @@ def export(workdir: str, out: str, *, which: str = "latest", weights: str = "tea
                          "or remove it first.")
   config = workdir_lib.recorded_config(workdir)
   run = train.Run(config, workdir, training=False)
-  template = run.initial_state()
-  state = (run.checkpointer.restore_best(template) if which == "best"
-           else run.checkpointer.restore_latest(template, {}))
-  run.checkpointer.close()
-  run.writer.close()
-  if state is None:
-    raise UserInputError(f"No {which} checkpoint in {workdir}; train first.")
+  try:
+    state = run.restore_saved(which)
+  finally:
+    run.checkpointer.close()
+    run.writer.close()
   variables = jax.device_get(state.teacher_variables() if weights == "teacher"
                              else state.student_variables())
   arrays = convert.flax_to_torch(variables["params"]["backbone"],

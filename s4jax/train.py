@@ -128,6 +128,17 @@ class Run:
     return state.replace(params=put(params), batch_stats=put(batch_stats),
                          ema_params=put(params), ema_batch_stats=put(batch_stats))
 
+  def restore_saved(self, which: str = "latest"):
+    """The state of the best or latest checkpoint, without the data iterators (for
+    evaluation and export). Raises UserInputError if the workdir has no such checkpoint."""
+    template = self.initial_state()
+    state = (self.checkpointer.restore_best(template) if which == "best"
+             else self.checkpointer.restore_latest(template, {}))
+    if state is None:
+      raise UserInputError(
+          f"No {which} checkpoint in {self.workdir}; train first with --mode=train.")
+    return state
+
   def next_batch(self) -> dict:
     """The labelled batch, plus the unlabelled one under `u_*` keys (semi-supervised)."""
     local = dict(next(self.iterators["labelled"]))
@@ -341,12 +352,7 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
 def evaluate_only(config, workdir: str, *, which: str = "best") -> dict:
   """Evaluates the best (or latest) checkpoint of `workdir` without training."""
   run = Run(config, workdir, training=False)
-  template = run.initial_state()
-  state = (run.checkpointer.restore_best(template) if which == "best"
-           else run.checkpointer.restore_latest(template, {}))
-  if state is None:
-    raise UserInputError(
-        f"No {which} checkpoint in {workdir}; train first with --mode=train.")
+  state = run.restore_saved(which)
   results, scores = run.evaluate(state)
   logging.info("Per-class IoU (teacher):\n%s",
                evaluate.format_iou_table(scores["teacher"], run.data.class_names))
