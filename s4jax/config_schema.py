@@ -102,6 +102,16 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.image_size = 96
   c.data.num_train = 2000
   c.data.num_val = 200
+  # How hard the shapes task is (s4jax/data/shapes.py, `Style`); the defaults are the
+  # original dataset. objects: (min, max) per image (more = more occlusion); radius: (min,
+  # max) as a fraction of the image side; max_rotation: degrees either way (0 = upright);
+  # clutter: background patterns and distractors; textures: striped/speckled object fills.
+  c.data.shapes = ml_collections.ConfigDict()
+  c.data.shapes.objects = (1, 4)
+  c.data.shapes.radius = (0.09, 0.26)
+  c.data.shapes.max_rotation = 180.0
+  c.data.shapes.clutter = True
+  c.data.shapes.textures = True
 
   c.optim = ml_collections.ConfigDict()
   # "sgd" (UniMatch V1, ResNet) or "adamw" (UniMatch V2, DINOv2).
@@ -226,6 +236,15 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   _require(d.source in DATA_SOURCES, "data.source", d.source, f"one of {DATA_SOURCES}")
   _require(d.on_bad_example in ON_BAD_EXAMPLE, "data.on_bad_example", d.on_bad_example,
            f"one of {ON_BAD_EXAMPLE}")
+  sh = d.shapes
+  lo, hi = sh.objects
+  _require(isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi, "data.shapes.objects",
+           tuple(sh.objects), "(min, max) integers with 1 <= min <= max")
+  lo, hi = sh.radius
+  _require(0 < lo <= hi <= 0.5, "data.shapes.radius", tuple(sh.radius),
+           "(min, max) fractions of the image side with 0 < min <= max <= 0.5")
+  _require(0 <= sh.max_rotation <= 180, "data.shapes.max_rotation", sh.max_rotation,
+           "degrees in [0, 180]")
   if d.name != "shapes":
     if d.source == "tfds":
       _require(bool(d.tfds_dir), "data.tfds_dir", d.tfds_dir,

@@ -62,11 +62,17 @@ def config_as_dict(config: ml_collections.ConfigDict) -> dict:
 
 
 def differing_keys(old: dict, new: dict) -> list[str]:
-  """Keys whose values differ, ignoring the operational ones."""
+  """Keys whose values differ, ignoring the operational ones.
+
+  A key missing from one side counts as its default: keys added in later versions default
+  to the old behaviour, so a run recorded before a key existed resumes under the new
+  version as long as the key keeps its default.
+  """
+  defaults = _flatten(config_as_dict(config_schema.default_config()))
   a, b = _flatten(old), _flatten(new)
   keys = sorted(set(a) | set(b))
   return [k for k in keys
-          if a.get(k, "<absent>") != b.get(k, "<absent>")
+          if a.get(k, defaults.get(k, "<absent>")) != b.get(k, defaults.get(k, "<absent>"))
           and k not in config_schema.OPERATIONAL_KEYS]
 
 

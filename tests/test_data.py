@@ -1,5 +1,7 @@
 """Tests for the shapes dataset, the weak transforms and the grain pipelines."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -95,6 +97,107 @@ def test_shapes_masks_valid_and_every_class_appears():
   # Objects cover a real share of the pixels but do not swamp the background.
   background_share = counts[0] / counts.sum()
   assert 0.4 < background_share < 0.95, background_share
+
+
+def _connected_regions(mask: np.ndarray) -> int:
+  """Number of 4-connected foreground regions (a small flood fill, no SciPy needed)."""
+  seen = np.zeros_like(mask, dtype=bool)
+  regions = 0
+  for start in zip(*np.nonzero(mask)):
+    if seen[start]:
+      continue
+    regions += 1
+    stack = [start]
+    seen[start] = True
+    while stack:
+      y, x = stack.pop()
+      for ny, nx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+        if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not seen[ny, nx]:
+          seen[ny, nx] = True
+          stack.append((ny, nx))
+  return regions
+
+
+def test_shapes_style_objects_radius_and_rotation():
+  size = 64
+  # One upright object per image, small enough to lie inside the frame.
+  style = shapes.Style(objects=(1, 1), radius=(0.1, 0.12), max_rotation=0.0)
+  source = shapes.ShapesSource("train", 40, image_size=size, seed=4, style=style)
+  rectangles = 0
+  for index in range(len(source)):
+    mask = source[index]["mask"]
+    classes = set(np.unique(mask)) - {0}
+    assert len(classes) == 1, classes
+    (class_id,) = classes
+    ys, xs = np.nonzero(mask)
+    extent = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
+    # Diameter at most 2 * 1.1 * radius (stars reach 1.1 r), plus a pixel of rasterisation.
+    assert extent <= 2 * 1.1 * 0.12 * size + 2, extent
+    if shapes.CLASS_NAMES[class_id] == "rectangle":
+      rectangles += 1
+      # Upright rectangles fill their bounding box; rotated ones would not.
+      box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+      assert len(ys) == box
+  assert rectangles >= 3
+
+  # With rotation, some rectangle is tilted: it fills visibly less than its box.
+  rotated = shapes.ShapesSource("train", 40, image_size=size, seed=4,
+                                style=dataclasses.replace(style, max_rotation=180.0))
+  fills = []
+  for index in range(len(rotated)):
+    mask = rotated[index]["mask"]
+    class_id = int(mask.max())
+    if shapes.CLASS_NAMES[class_id] == "rectangle":
+      ys, xs = np.nonzero(mask)
+      fills.append(len(ys) / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)))
+  assert fills and min(fills) < 0.85, fills
+
+  # Many objects: most images show several separate object regions.
+  crowded = shapes.ShapesSource("train", 20, image_size=size, seed=4,
+                                style=shapes.Style(objects=(5, 6), radius=(0.06, 0.08)))
+  regions = [_connected_regions(crowded[i]["mask"] > 0) for i in range(len(crowded))]
+  assert np.mean(regions) >= 3, regions
+
+
+def test_shapes_style_clutter_and_textures():
+  size = 64
+  plain = shapes.Style(clutter=False, textures=False, objects=(1, 1))
+  busy = shapes.Style(objects=(1, 1))
+
+  def residual(style, region):
+    """Mean std of the pixels left after fitting a plane (per channel) to a region.
+
+    Without clutter the background is a linear ramp plus pixel noise, and without
+    textures an object is a shaded (linear) flat colour plus noise, so the plane fit
+    leaves only the noise; patterns, blotches, distractors and textures add to it.
+    """
+    source = shapes.ShapesSource("train", 30, image_size=size, seed=2, style=style)
+    ys, xs = np.mgrid[0:size, 0:size]
+    values = []
+    for index in range(len(source)):
+      example = source[index]
+      inside = example["mask"] > 0
+      keep = inside if region == "object" else ~inside
+      design = np.stack([ys[keep], xs[keep], np.ones(keep.sum())], axis=1).astype(np.float64)
+      pixels = example["image"][keep].astype(np.float64)
+      coef, *_ = np.linalg.lstsq(design, pixels, rcond=None)
+      values.append((pixels - design @ coef).std(axis=0).mean())
+    return np.mean(values)
+
+  assert residual(plain, "background") < 0.6 * residual(busy, "background")
+  assert residual(plain, "object") < 0.8 * residual(busy, "object")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"objects": (0, 2)}, "objects"),
+    ({"objects": (3, 2)}, "objects"),
+    ({"radius": (0.2, 0.1)}, "radius"),
+    ({"radius": (0.1, 0.6)}, "radius"),
+    ({"max_rotation": 200.0}, "max_rotation"),
+])
+def test_shapes_style_rejects_bad_values(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    shapes.Style(**kwargs)
 
 
 def test_shapes_argument_errors_and_repr():

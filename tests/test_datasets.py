@@ -505,6 +505,9 @@ def test_cli_bad_root_is_one_message_with_the_tree(tmp_path):
     ({"eval.pad_to": -1}, "eval.pad_to"),
     ({"losses.supervised": "focal"}, "losses.supervised"),
     ({"losses.ohem_threshold": 0.0}, "losses.ohem_threshold"),
+    ({"data.shapes.objects": (2, 1)}, "data.shapes.objects"),
+    ({"data.shapes.radius": (0.0, 0.2)}, "data.shapes.radius"),
+    ({"data.shapes.max_rotation": -5.0}, "data.shapes.max_rotation"),
 ])
 def test_new_config_keys_are_validated(overrides, key):
   with pytest.raises(ConfigError, match=rf"config\.{key}="):

@@ -12,6 +12,7 @@ from s4jax import checkpointing
 from s4jax import optim
 from s4jax import state as state_lib
 from s4jax import train
+from s4jax import workdir as workdir_lib
 from s4jax import errors
 from s4jax.data import datasets
 from s4jax.data import pipeline
@@ -172,6 +173,20 @@ def test_workdir_with_other_config_is_refused_and_kept(straight_run):
   with pytest.raises(errors.WorkdirConflictError, match="model.width"):
     train.train_and_evaluate(tiny_config(**{"model.width": 16}), workdir)
   assert sorted(os.listdir(workdir)) == before
+
+
+def test_keys_added_later_count_as_their_default_when_resuming():
+  new = workdir_lib.config_as_dict(tiny_config())
+  # A run recorded before data.shapes existed: the same experiment if the new keys keep
+  # their defaults, a different one if they do not.
+  old = json.loads(json.dumps(new))
+  del old["data"]["shapes"]
+  assert workdir_lib.differing_keys(old, new) == []
+  changed = workdir_lib.config_as_dict(tiny_config(**{"data.shapes.max_rotation": 0.0}))
+  assert workdir_lib.differing_keys(old, changed) == ["data.shapes.max_rotation"]
+  # A key that no version knows still differs.
+  old["mystery"] = 1
+  assert workdir_lib.differing_keys(old, new) == ["mystery"]
 
 
 def test_checkpoint_from_another_model_is_refused(straight_run):

@@ -60,10 +60,11 @@ class DatasetSpec:
 
 def build(data_config) -> DatasetSpec:
   if data_config.name == "shapes":
+    style = shapes_style(data_config)
     train = shapes.ShapesSource("train", data_config.num_train, data_config.image_size,
-                                seed=data_config.split_seed)
+                                seed=data_config.split_seed, style=style)
     val = shapes.ShapesSource("val", data_config.num_val, data_config.image_size,
-                              seed=data_config.split_seed)
+                              seed=data_config.split_seed, style=style)
     labelled = pipeline.labelled_subset(len(train), data_config.labelled_fraction,
                                         data_config.split_seed)
     return DatasetSpec(
@@ -74,6 +75,16 @@ def build(data_config) -> DatasetSpec:
   if data_config.name in LAYOUTS:
     return _build_from_files(data_config)
   raise DataError(f"config.data.name={data_config.name!r} is not a known dataset.")
+
+
+def shapes_style(data_config) -> shapes.Style:
+  """The `data.shapes` config block as a shapes.Style (tuples, whatever JSON made of them)."""
+  block = data_config.shapes
+  return shapes.Style(
+      objects=tuple(int(n) for n in block.objects),
+      radius=tuple(float(r) for r in block.radius),
+      max_rotation=float(block.max_rotation), clutter=bool(block.clutter),
+      textures=bool(block.textures))
 
 
 def _read_list(layout: files.Layout, path: str) -> list[files.Entry]:

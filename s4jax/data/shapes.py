@@ -10,12 +10,18 @@ and pixel noise; objects vary in scale, aspect and rotation and occlude each
 other (later objects are drawn on top, and the mask follows the occlusion).
 
 Examples are generated on the fly and are a pure function of
-`(seed, split, index)`, so the dataset needs no files, and the train and val
-splits are disjoint random streams.
+`(seed, split, index, style)`, so the dataset needs no files, and the train and
+val splits are disjoint random streams.
+
+`Style` sets how hard the task is (objects per image, object size, rotation,
+background clutter, textured fills). Its defaults are the dataset every number
+in README.md before the `data.shapes` config block was measured on; the default
+style draws exactly the same images as before the knobs existed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 
 import numpy as np
@@ -36,13 +42,47 @@ NUM_CLASSES = len(CLASS_NAMES)
 # exist.
 _SPLIT_IDS = {"train": 0, "val": 1}
 
-_MIN_OBJECTS = 1
-_MAX_OBJECTS = 4
-# Object radius as a fraction of the image side: small enough that up to four
-# objects fit, large enough that a star's points stay visible at 96 px.
-_RADIUS_RANGE = (0.09, 0.26)
 # Vertices used to approximate ellipse outlines; PIL has no rotated ellipse.
 _ELLIPSE_VERTICES = 40
+
+
+@dataclasses.dataclass(frozen=True)
+class Style:
+  """How hard the drawn task is. The defaults are the original dataset.
+
+  Attributes:
+    objects: (min, max) number of objects per image; later ones occlude earlier
+      ones, so more objects also means more occlusion.
+    radius: (min, max) object radius as a fraction of the image side. The
+      default is small enough that four objects fit and large enough that a
+      star's points stay visible at 96 px.
+    max_rotation: objects are rotated by a uniform angle in
+      [-max_rotation, max_rotation] degrees; 180 = any orientation, 0 = upright.
+    clutter: background patterns, blotches and unlabelled distractor shapes;
+      False leaves a plain two-colour gradient.
+    textures: striped and speckled object fills; False paints every object in
+      a shaded flat colour.
+  """
+
+  objects: tuple[int, int] = (1, 4)
+  radius: tuple[float, float] = (0.09, 0.26)
+  max_rotation: float = 180.0
+  clutter: bool = True
+  textures: bool = True
+
+  def __post_init__(self):
+    low, high = self.objects
+    if not (isinstance(low, int) and isinstance(high, int) and 1 <= low <= high):
+      raise ValueError(
+          f"Style.objects must be (min, max) integers with 1 <= min <= max, got {self.objects}.")
+    low, high = self.radius
+    if not 0.0 < low <= high <= 0.5:
+      raise ValueError(
+          f"Style.radius must be (min, max) fractions of the image side with "
+          f"0 < min <= max <= 0.5, got {self.radius}.")
+    if not 0.0 <= self.max_rotation <= 180.0:
+      raise ValueError(
+          f"Style.max_rotation must be in [0, 180] degrees, got {self.max_rotation}.")
 
 
 class _IndexOutOfRangeError(IndexError, ValueError):
@@ -118,13 +158,15 @@ def _periodic_pattern(
 
 
 def _draw_background(
-    rng: np.random.Generator, size: int, ys: np.ndarray, xs: np.ndarray
+    rng: np.random.Generator, size: int, ys: np.ndarray, xs: np.ndarray, clutter: bool
 ) -> np.ndarray:
-  """Float RGB background: gradient, optional pattern, blotches, distractors."""
+  """Float RGB background: gradient, and with clutter pattern, blotches, distractors."""
   colour_a = _background_colour(rng)
   colour_b = _background_colour(rng)
   ramp = _linear_ramp(rng, ys, xs)[..., None]
   image = colour_a * (1.0 - ramp) + colour_b * ramp
+  if not clutter:
+    return image.astype(np.float32)
 
   if rng.random() < 0.6:
     # Low-contrast pattern: visible clutter that should not look like objects.
@@ -230,12 +272,14 @@ def _rasterise(
 
 
 def _object_appearance(
-    rng: np.random.Generator, ys: np.ndarray, xs: np.ndarray, size: int
+    rng: np.random.Generator, ys: np.ndarray, xs: np.ndarray, size: int, textures: bool
 ) -> np.ndarray:
-  """Float RGB fill for one object: shaded flat colour, stripes or speckles."""
+  """Float RGB fill for one object: shaded flat colour, or (textures) stripes or speckles."""
   colour = _random_colour(rng)
   shading = _linear_ramp(rng, ys, xs)[..., None] - 0.5
   fill = colour + rng.uniform(0.0, 70.0) * shading
+  if not textures:
+    return fill
   style = rng.random()
   if style < 0.25:
     pattern = _periodic_pattern(rng, ys, xs, size)[..., None]
@@ -247,19 +291,23 @@ def _object_appearance(
 
 
 def draw_example(
-    rng: np.random.Generator, image_size: int
+    rng: np.random.Generator, image_size: int, style: Style = Style()
 ) -> tuple[np.ndarray, np.ndarray]:
   """Draws one (image uint8[H, W, 3], mask uint8[H, W]) pair from `rng`."""
   ys, xs = np.mgrid[0:image_size, 0:image_size].astype(np.float32)
-  image = _draw_background(rng, image_size, ys, xs)
+  image = _draw_background(rng, image_size, ys, xs, style.clutter)
   mask = np.zeros((image_size, image_size), dtype=np.uint8)
 
-  num_objects = int(rng.integers(_MIN_OBJECTS, _MAX_OBJECTS + 1))
+  num_objects = int(rng.integers(style.objects[0], style.objects[1] + 1))
   for _ in range(num_objects):
     class_id = int(rng.integers(1, NUM_CLASSES))
-    radius = rng.uniform(*_RADIUS_RANGE) * image_size
+    radius = rng.uniform(*style.radius) * image_size
     outline, hole = _shape_outlines(CLASS_NAMES[class_id], radius, rng)
+    # One uniform draw in [0, 2 pi) whatever the style, mapped linearly onto
+    # [-max_rotation, max_rotation]: the default keeps the original angles.
     angle = rng.uniform(0.0, 2.0 * np.pi)
+    if style.max_rotation < 180.0:
+      angle = (angle - np.pi) * (style.max_rotation / 180.0)
     # Centres may sit partly outside the frame: truncated objects are common in
     # real data, but keep most of the object inside.
     centre = rng.uniform(0.15 * image_size, 0.85 * image_size, size=2)
@@ -267,7 +315,7 @@ def draw_example(
     if hole is not None:
       hole = _rotate(hole, angle) + centre
     region = _rasterise(outline, hole, image_size)
-    fill = _object_appearance(rng, ys, xs, image_size)
+    fill = _object_appearance(rng, ys, xs, image_size, style.textures)
     image[region] = fill[region]
     mask[region] = class_id
 
@@ -285,7 +333,8 @@ class ShapesSource:
   """
 
   def __init__(
-      self, split: str, num_examples: int, image_size: int = 96, seed: int = 0
+      self, split: str, num_examples: int, image_size: int = 96, seed: int = 0,
+      style: Style = Style(),
   ):
     if split not in _SPLIT_IDS:
       raise ValueError(
@@ -301,6 +350,7 @@ class ShapesSource:
     self._num_examples = int(num_examples)
     self._image_size = int(image_size)
     self._seed = int(seed)
+    self._style = style
 
   @property
   def split(self) -> str:
@@ -313,6 +363,10 @@ class ShapesSource:
   @property
   def seed(self) -> int:
     return self._seed
+
+  @property
+  def style(self) -> Style:
+    return self._style
 
   def __len__(self) -> int:
     return self._num_examples
@@ -333,11 +387,11 @@ class ShapesSource:
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     index = self._check_index(index)
     rng = np.random.default_rng([self._seed, _SPLIT_IDS[self._split], index])
-    image, mask = draw_example(rng, self._image_size)
+    image, mask = draw_example(rng, self._image_size, self._style)
     return {"image": image, "mask": mask}
 
   def __repr__(self) -> str:
     return (
         f"ShapesSource(split={self._split!r}, num_examples={self._num_examples},"
-        f" image_size={self._image_size}, seed={self._seed})"
+        f" image_size={self._image_size}, seed={self._seed}, style={self._style})"
     )
