@@ -83,6 +83,7 @@ def main():
 
   try:
     config = workdir_lib.recorded_config(args.workdir)
+    config.data.use_unlabelled_masks = True  # this report is what they are for
     run = train.Run(config, args.workdir, training=False)
     state = run.restore_saved(args.which)
   except UserInputError as e:

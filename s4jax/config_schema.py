@@ -98,6 +98,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.split_seed = 0
   # grain worker processes per host (0 = decode in the main process).
   c.data.num_workers = 0
+  # Where every unlabelled image has a mask (shapes; VOC with SBD), feed those masks to the
+  # step for diagnostics only (train/pseudo_accuracy, pseudo_miou, object coverage). False
+  # never reads them: no decoding of masks nobody trains on, for large real runs.
+  c.data.use_unlabelled_masks = True
   # Embedded synthetic dataset only (image_size, num_train, num_val).
   c.data.image_size = 96
   c.data.num_train = 2000
@@ -340,7 +344,8 @@ def eval_window(config) -> tuple[int, int]:
 # resumed with different values for these.
 OPERATIONAL_KEYS = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
                     "num_visualised", "data.num_workers", "data.root", "data.tfds_dir",
-                    "data.on_bad_example", "eval.batch_size", "model.pretrained")
+                    "data.on_bad_example", "eval.batch_size", "model.pretrained",
+                    "data.use_unlabelled_masks")
 
 
 def sibling_config(config_path: str, filename: str) -> ml_collections.ConfigDict:

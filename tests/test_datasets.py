@@ -182,6 +182,11 @@ def test_named_split_two_column_and_id_lists(trees, tmp_path):
   assert [files.stem(entries[i].image) for i in spec.unlabelled_indices] == [
       "2007_000000", "2007_000001", "2007_000002"]
   assert spec.unlabelled_has_masks  # the ids resolve to their aug masks
+  # data.use_unlabelled_masks=False: the same images, their masks never read.
+  off = _build("voc", root, **{"data.split": "92", "data.use_unlabelled_masks": False})
+  assert not off.unlabelled_has_masks
+  assert [off.train_source.entries[i].mask for i in off.unlabelled_indices] == [None] * 3
+  assert all(off.train_source.entries[i].mask for i in off.labelled_indices)
   # A labelled list alone: the unlabelled set is the rest of the training set.
   alone = _build("voc", root, **{"data.labelled_list": os.path.join(split_dir, "labeled.txt")})
   assert len(alone.unlabelled_indices) == 10

@@ -190,3 +190,15 @@ def test_empty_unlabelled_set_is_refused(tmp_path):
   config = tiny_config(method="unimatch", **{"data.labelled_fraction": 1.0})
   with pytest.raises(errors.ConfigError, match="data.labelled_fraction"):
     train.train_and_evaluate(config, str(tmp_path))
+
+
+@pytest.mark.parametrize("use_masks", [True, False])
+def test_unlabelled_masks_reach_the_step_only_when_asked(tmp_path, use_masks):
+  # Shapes has a mask for every unlabelled image: fed as `u_mask` (diagnostics) unless
+  # data.use_unlabelled_masks=False.
+  config = tiny_config(**{"method": "fixmatch", "data.use_unlabelled_masks": use_masks})
+  run = train.Run(config, str(tmp_path / "run"))
+  assert run.data.unlabelled_has_masks == use_masks
+  batch = run.next_batch()
+  assert {"image", "mask", "u_image", "u_valid"} <= set(batch)
+  assert ("u_mask" in batch) == use_masks

@@ -70,7 +70,8 @@ def build(data_config) -> DatasetSpec:
     return DatasetSpec(
         train_source=train, val_source=val, labelled_indices=labelled,
         unlabelled_indices=pipeline.unlabelled_complement(len(train), labelled),
-        class_names=tuple(shapes.CLASS_NAMES), unlabelled_has_masks=True,
+        class_names=tuple(shapes.CLASS_NAMES),
+        unlabelled_has_masks=bool(data_config.use_unlabelled_masks),
         background_classes=(0,))
   if data_config.name in LAYOUTS:
     return _build_from_files(data_config)
@@ -189,8 +190,9 @@ def _build_from_files(data_config) -> DatasetSpec:
     raise DataError(f"Labelled image {labelled_masks[0].image} has no mask "
                     f"(listed at {labelled_masks[0].origin or 'the training set'}).")
   # A batch needs the same keys in every example: hidden masks of unlabelled images are kept
-  # for diagnostics only if every unlabelled image has one.
-  unlabelled_has_masks = bool(unlabelled) and all(e.mask is not None for e in unlabelled)
+  # for diagnostics only if every unlabelled image has one (and the config wants them).
+  unlabelled_has_masks = (bool(data_config.use_unlabelled_masks) and bool(unlabelled)
+                          and all(e.mask is not None for e in unlabelled))
   if not unlabelled_has_masks:
     unlabelled = [dataclasses.replace(e, mask=None) for e in unlabelled]
   train_entries = labelled + unlabelled
