@@ -28,6 +28,8 @@ import time
 
 import numpy as np
 
+from s4jax import logs
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -40,17 +42,12 @@ def parse_run(text):
 
 
 def read_metrics(workdir):
+  """The run's metrics, one row per step and kind: rows of a segment that a resumed run
+  replaced (kept by older versions) are left out, so curves and "final" are the run's."""
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
-  records = []
-  with open(path) as f:
-    for line in f:
-      try:
-        records.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue
-  return records
+  return logs.read_metrics(path)
 
 
 def summarise_run(records, total_steps):

@@ -55,8 +55,7 @@ def per_threshold_confusions(run, state, source, thresholds, max_images):
     return out
 
   batches = pipeline.make_eval_batches(
-      source, global_batch_size=run.config.eval.batch_size, pad_multiple=32,
-      pad_to=run.config.eval.pad_to)
+      source, global_batch_size=run.config.eval.batch_size)
   totals, seen = None, 0
   for local in batches:
     if seen >= max_images:

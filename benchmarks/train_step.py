@@ -21,6 +21,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from s4jax import config_schema
+from s4jax import methods
 from s4jax import optim
 from s4jax import sharding
 from s4jax import state as state_lib
@@ -36,9 +37,8 @@ _NUM_CLASSES = flags.DEFINE_integer("num_classes", 21, "Classes of the segmentat
 def encoder_images(config):
   """(student train-mode, student extra, teacher) images through the encoder per step."""
   n_l = config.batch_size
-  n_u = config_schema.unlabelled_batch_size(config) if config.method != "supervised" else 0
-  train_mode = {"supervised": n_l, "fixmatch": n_l + n_u, "unimatch": n_l + 3 * n_u,
-                "unimatch_v2": n_l + 2 * n_u}[config.method]
+  n_u = config_schema.unlabelled_batch_size(config)
+  counts = methods.get(config.method).encoder_images(n_l, n_u, config.teacher.source)
   extra = 0
   cw = config.losses.cwmim
   if cw.enabled:
@@ -46,7 +46,7 @@ def encoder_images(config):
       extra += cw.classes_per_image * (n_l + (n_u if cw.on_unlabelled else 0))
     if cw.smim_weight > 0:
       extra += n_u
-  return train_mode, extra, n_u
+  return counts["student"], extra, counts["teacher"]
 
 
 def random_batch(config, rng):
@@ -70,7 +70,8 @@ def main(argv):
   tx = optim.make_optimizer(config.optim, config.total_steps)
   crop = config.data.crop_size
   state = state_lib.init_on_mesh(model, tx, mesh, (1, crop, crop, 3), seed=0,
-                                 aux=registry.init_aux(config, _NUM_CLASSES.value))
+                                 aux=registry.init_aux(config, _NUM_CLASSES.value,
+                                                     segmenter.feature_widths(model)))
   batch = sharding.host_to_global(random_batch(config, np.random.default_rng(0)), mesh)
   train_step = step_lib.make_train_step(model, tx, config, mesh)
 
@@ -90,8 +91,9 @@ def main(argv):
   median = statistics.median(times)
   peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
-  print(f"config: method={config.method} backbone={config.model.backbone} width={config.model.width} "
-        f"crop={crop} batch={config.batch_size} dtype={config.model.dtype} "
+  print(f"config: method={config.method} backbone={config.model.backbone} "
+        f"width={config.model.width} crop={crop} batch={config.batch_size} "
+        f"dtype={config.model.dtype} "
         f"devices={mesh.size} ({jax.devices()[0].platform})")
   objectives = [o.name for o, _ in registry.enabled(config)]
   train_mode, extra, teacher = encoder_images(config)

@@ -4,7 +4,7 @@ Not a runnable experiment by itself; `cityscapes_unimatch.py` starts from it. So
 UniMatch (Yang et al., CVPR 2023), github.com/LiheYoung/UniMatch (configs/cityscapes.yaml at
 commit 818609d: crop 801, batch 2 per GPU x 4 GPUs, lr 0.005, lr_multi 1, OHEM 0.7 / 200000,
 conf_thresh 0, ResNet-101 OS16, ASPP rates 6/12/18; unimatch.py; util/ohem.py) and
-METHODS.md §0. Another version of that file in the repository (commit 7292bac) describes a
+docs/methods.md §0. Another version of that file in the repository (commit 7292bac) describes a
 ResNet-50 run instead: crop 769, 8 GPUs x 1, OS8 with multi-grid, min_kept 100000,
 conf_thresh 0.95; the values below follow the paper's ResNet-101 setting.
 """
@@ -31,7 +31,6 @@ def get_config():
   config.model.backbone = "resnet101"
   config.model.deep_stem = True
   config.model.output_stride = 16
-  config.model.aspp_dropout = 0.5
   # 4 GPUs x 2 images (cityscapes.yaml batch_size 2 per GPU).
   config.batch_size = 8
   config.unlabelled_batch_size = 8
@@ -48,7 +47,9 @@ def get_config():
   config.losses.ohem_min_kept = 4 * 200000
   # UniMatch V1 on Cityscapes: conf_thresh 0 (every pseudo-label counts); V2 uses 0.95.
   config.semi.threshold = 0.0
-  config.teacher.ema_decay = 0.0  # V1: pseudo-labels from the student (METHODS.md §0)
+  # V1: pseudo-labels from the student's train-mode weak pass (docs/methods.md).
+  config.teacher.source = "student"
+  config.teacher.ema_decay = 0.0
   # cityscapes.yaml epochs 240.
   config.total_steps = 240 * NUM_TRAIN // config.unlabelled_batch_size
   # Sliding window of the crop size, stride 2/3 of it (UniMatch evaluate mode "sliding_window":
@@ -56,7 +57,6 @@ def get_config():
   config.eval.mode = "sliding"
   config.eval.window = 801
   config.eval.stride = 534
-  config.eval.pad_to = 0
   config.eval.batch_size = 8
   config.log_every = 50
   config.eval_every = 2000

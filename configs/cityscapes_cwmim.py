@@ -3,7 +3,7 @@
   python -m s4jax.main --config=configs/cityscapes_cwmim.py --config.data.root=/data/cityscapes --config.data.split=1_16 --workdir=runs/cs_cwmim
 
 Base recipe: cityscapes_unimatch.py (UniMatch configs/cityscapes.yaml: crop 801, OHEM,
-tau 0, sliding-window evaluation). cwmim: METHODS.md §2 (our design where marked there).
+tau 0, sliding-window evaluation). cwmim: docs/methods.md §2 (our design where marked there).
 """
 
 from s4jax import config_schema

@@ -20,7 +20,6 @@ def get_config():
   config.optim.lr = 0.001
   config.optim.head_lr_multiplier = 10.0
   config.total_steps = 20000
-  config.eval.pad_to = 0  # set to the largest validation image side for one compiled shape
   config.eval_every = 1000
   config.checkpoint_every = 1000
   return config

@@ -1,4 +1,4 @@
-"""UniMatch + class-wise masked image modelling on shapes (METHODS.md §2).
+"""UniMatch + class-wise masked image modelling on shapes (docs/methods.md §2).
 
   python -m s4jax.main --config=configs/shapes_cwmim.py --workdir=runs/shapes_cwmim
 

@@ -1,4 +1,4 @@
-"""UniMatch + image reconstruction on shapes (METHODS.md §1).
+"""UniMatch + image reconstruction on shapes (docs/methods.md §1).
 
   python -m s4jax.main --config=configs/shapes_recon.py --workdir=runs/shapes_recon
 

@@ -4,7 +4,7 @@ Not a runnable experiment by itself; `voc_supervised.py`, `voc_fixmatch.py` and
 `voc_unimatch.py` start from it. Sources: UniMatch (Yang et al., CVPR 2023), its code at
 github.com/LiheYoung/UniMatch (configs/pascal.yaml at commit 818609d: crop 321, epochs 80,
 batch 2 per GPU x 4 GPUs, lr 0.001, lr_multi 10, conf_thresh 0.95, ResNet-101 OS16, ASPP
-rates 6/12/18; unimatch.py; model/semseg/deeplabv3plus.py) and METHODS.md §0.
+rates 6/12/18; unimatch.py; model/semseg/deeplabv3plus.py) and docs/methods.md §0.
 """
 
 from s4jax import config_schema
@@ -35,7 +35,6 @@ def get_config():
   config.model.backbone = "resnet101"
   config.model.deep_stem = True
   config.model.output_stride = 16
-  config.model.aspp_dropout = 0.5  # UniMatch ASPP projection: Dropout2d(0.5)
   # 4 GPUs x 2 labelled images (pascal.yaml batch_size 2 per GPU, scripts/train.sh 4 GPUs).
   config.batch_size = 8
   config.unlabelled_batch_size = 8
@@ -47,14 +46,17 @@ def get_config():
   config.optim.weight_decay = 1e-4
   config.optim.poly_power = 0.9
   config.semi.threshold = 0.95  # pascal.yaml conf_thresh
-  # UniMatch V1 has no EMA teacher: pseudo-labels come from the student (METHODS.md §0).
+  # UniMatch V1 has no EMA teacher: pseudo-labels come from the clean weak half of the
+  # student's train-mode pass [labelled; weak] (unimatch.py, fixmatch.py; docs/methods.md).
+  # The evaluated "teacher" is then the student itself (ema_decay 0).
+  config.teacher.source = "student"
   config.teacher.ema_decay = 0.0
   # pascal.yaml epochs 80.
   config.total_steps = epochs_to_steps(80, config.unlabelled_batch_size)
-  # Whole-image evaluation, single scale (UniMatch evaluate mode "original"); VOC images are
-  # at most 500 px a side, so one padded shape (512) compiles once.
+  # Whole-image evaluation, single scale, each image at its own size (UniMatch evaluate mode
+  # "original"): batches group images of one size, so nothing is padded; one compile per
+  # distinct size, reused at every later evaluation.
   config.eval.mode = "whole"
-  config.eval.pad_to = 512
   config.eval.batch_size = 8
   config.log_every = 50
   config.eval_every = 2000

@@ -3,7 +3,7 @@
   python -m s4jax.main --config=configs/voc_cwmim.py --config.data.root=/data/VOCdevkit/VOC2012 --config.data.split=92 --workdir=runs/voc_cwmim
 
 Base recipe: voc_unimatch.py (UniMatch configs/pascal.yaml). The cwmim objective follows
-METHODS.md §2 (Li et al., arXiv 2411.08756; the parts marked "our design" there are ours).
+docs/methods.md §2 (Li et al., arXiv 2411.08756; the parts marked "our design" there are ours).
 Its cost: `classes_per_image` extra encoder+decoder passes per labelled and unlabelled
 image (here 2 x 16 = 32 class-images per step beside UniMatch's 40 image passes) plus one
 pass over the masked weak images; see `benchmarks/train_step.py`.

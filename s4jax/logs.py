@@ -7,20 +7,27 @@ creates no files, so callers need no `if process_index == 0` around each call.
 Outputs of an enabled writer, all under `workdir`:
 
 * `metrics.jsonl`: one JSON object per `write_scalars` call and line,
-  `{"step": step, **scalars}`. The file is opened in append mode so a resumed
-  run continues it (steps after the restored checkpoint may then appear twice;
-  readers keep the last occurrence if they need one value per step).
+  `{"step": step, **scalars}`. A resumed run calls `resume_from(step)` first:
+  the rows of the killed segment past the restored checkpoint are dropped (the
+  file is rewritten atomically), so the file holds one row per step and kind.
   Non-finite floats (NaN, +inf, -inf) are written as JSON `null`, because the
   `NaN`/`Infinity` tokens Python emits by default are not valid JSON and break
   other readers (jq, pandas with strict parsers, JavaScript).
 * `tensorboard/`: TensorBoard event files written with tensorboardX, which
-  needs no TensorFlow (`clu.metric_writers` would import it).
+  needs no TensorFlow (`clu.metric_writers` would import it). After
+  `resume_from(step)` the new event file purges the old files' events past
+  `step` (tensorboardX `purge_step`), so the curves do not overlap.
 * `images/`: PNG files, `{name with "/" -> "_"}_{step:07d}.png`.
 
-`Progress` measures steps/s and the ETA for a one-line console summary.
+Files are opened at the first write, so a writer that never writes (a failed
+start, evaluation) leaves nothing behind.
+
+`Progress` measures steps/s and the ETA for a one-line console summary;
+`console_scalars` picks what that line shows.
 """
 
 import json
+import logging
 import math
 import os
 import time
@@ -82,10 +89,10 @@ class MetricWriter:
   """Writes scalars to JSONL and TensorBoard, images to PNG and TensorBoard."""
 
   def __init__(self, workdir: str, *, enabled: bool = True):
-    """Opens the writers.
+    """A writer for `workdir`; its files are opened at the first write.
 
     Args:
-      workdir: Run directory; created if missing.
+      workdir: Run directory; created at the first write if missing.
       enabled: False on processes other than 0: every method is then a no-op
         and nothing is created on disk.
     """
@@ -96,9 +103,41 @@ class MetricWriter:
     self.images_dir = os.path.join(workdir, IMAGES_DIRNAME)
     self._jsonl = None
     self._tb = None
-    if not enabled:
+    self._purge_step = None
+
+  def resume_from(self, step: int) -> None:
+    """Forgets what was logged past `step`, the step the run resumes from (0: a fresh start).
+
+    Rewrites metrics.jsonl without its rows past `step` (atomically: a kill leaves the old
+    or the new file) and makes the next TensorBoard event file purge the events past `step`.
+    Call before the first write.
+    """
+    if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
+    step = int(step)
+    if os.path.exists(self.metrics_path):
+      kept, dropped = [], 0
+      with open(self.metrics_path, encoding="utf-8") as f:
+        for line in f:
+          record = _parse_line(line)
+          if record is None:
+            continue  # blank, or a line cut short by a kill
+          if isinstance(record.get("step"), int) and record["step"] > step:
+            dropped += 1
+            continue
+          kept.append(line.rstrip("\n") + "\n")
+      if dropped or len(kept) != _count_lines(self.metrics_path):
+        tmp = self.metrics_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+          f.writelines(kept)
+        os.replace(tmp, self.metrics_path)
+    if os.path.isdir(self.tensorboard_dir) and os.listdir(self.tensorboard_dir):
+      self._purge_step = step + 1
+
+  def _open(self) -> None:
+    if self._jsonl is not None:
+      return
+    os.makedirs(self.workdir, exist_ok=True)
     # A run killed mid-write can leave a last line without its newline; start
     # the resumed run on a fresh line so that line stays the only bad one.
     needs_newline = False
@@ -114,7 +153,10 @@ class MetricWriter:
     # `Progress`) don't pay for it.
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
 
-    self._tb = SummaryWriter(logdir=self.tensorboard_dir)
+    # The pid in the name: a writer reopened within the same second (the name's timestamp)
+    # writes a file of its own, not into the previous one.
+    self._tb = SummaryWriter(logdir=self.tensorboard_dir, purge_step=self._purge_step,
+                             filename_suffix=f".{os.getpid()}.{id(self)}")
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     """Appends one JSON line `{"step": step, **scalars}` and logs each to TB.
@@ -126,6 +168,7 @@ class MetricWriter:
       return
     if "step" in scalars:
       raise ValueError('"step" is reserved for the step number in metrics.jsonl')
+    self._open()
     step = int(step)
     record: dict[str, Any] = {"step": step}
     for name, value in scalars.items():
@@ -149,6 +192,7 @@ class MetricWriter:
     """
     if not self.enabled:
       return []
+    self._open()
     step = int(step)
     os.makedirs(self.images_dir, exist_ok=True)
     paths = []
@@ -164,6 +208,7 @@ class MetricWriter:
     """Logs text to TensorBoard only (e.g. the config at step 0)."""
     if not self.enabled:
       return
+    self._open()
     self._tb.add_text(name, str(text), global_step=int(step))
 
   def flush(self) -> None:
@@ -192,24 +237,63 @@ class MetricWriter:
     self.close()
 
 
+def _parse_line(line: str) -> dict | None:
+  line = line.strip()
+  if not line:
+    return None
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError:
+    return None
+  return record if isinstance(record, dict) else None
+
+
+def _count_lines(path: str) -> int:
+  with open(path, encoding="utf-8") as f:
+    return sum(1 for _ in f)
+
+
+def latest_segment(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """The rows a run would have written without interruptions.
+
+  Files written before `resume_from` existed keep the rows of a killed segment: a resumed
+  run starts again at a step already logged. A row at a step below the latest one seen, or
+  at that step with a key already logged there, starts a new segment, which replaces every
+  earlier row from its step on.
+  """
+  kept: list[dict[str, Any]] = []
+  last, keys_at_last = None, set()
+  for record in records:
+    step = record.get("step")
+    if isinstance(step, int):
+      keys = set(record) - {"step"}
+      if last is not None and (step < last or (step == last and keys & keys_at_last)):
+        kept = [r for r in kept if not (isinstance(r.get("step"), int) and r["step"] >= step)]
+        last = None
+      if last is None or step > last:
+        last, keys_at_last = step, keys
+      else:
+        keys_at_last |= keys
+    kept.append(record)
+  return kept
+
+
 def read_metrics(path: str) -> list[dict[str, Any]]:
   """Parses a metrics.jsonl file into a list of dicts, in file order.
 
   Blank lines are skipped, and so are lines that fail to parse, which only
   happens to a line cut short by a killed run (the writer starts the next run
-  on a fresh line). Non-finite values read back as None.
+  on a fresh line). Non-finite values read back as None. Rows of a segment that
+  a resumed run replaced (files of older versions) are left out: see
+  `latest_segment`.
   """
   records = []
   with open(path, encoding="utf-8") as f:
     for line in f:
-      line = line.strip()
-      if not line:
-        continue
-      try:
-        records.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue
-  return records
+      record = _parse_line(line)
+      if record is not None:
+        records.append(record)
+  return latest_segment(records)
 
 
 def format_duration(seconds: float) -> str:
@@ -311,3 +395,27 @@ class Progress:
     if self.eta_seconds is not None:
       parts.append(f"ETA {format_duration(self.eta_seconds)}")
     return " | ".join(parts)
+
+
+def console_scalars(scalars: Mapping[str, Any]) -> dict[str, Any]:
+  """What the console line shows of a step's metrics: the total loss and the method's main
+  losses (`train/loss`, `train/loss_*`). Everything else (diagnostics, objectives' parts,
+  grad norm, epoch) is in metrics.jsonl and TensorBoard; a UniMatch line with all of them
+  was 400 characters long."""
+  return {name: value for name, value in scalars.items()
+          if name == "train/loss" or (name.startswith("train/loss_") and name.count("/") == 1)}
+
+
+class ConsoleFormatter(logging.Formatter):
+  """`HH:MM:SS message` for INFO, `HH:MM:SS warning: message` above: the console is read by
+  a person, who needs neither the thread id nor the file and line (absl's 50-character
+  prefix)."""
+
+  def format(self, record: logging.LogRecord) -> str:
+    text = f"{self.formatTime(record, '%H:%M:%S')} "
+    if record.levelno >= logging.WARNING:
+      text += f"{record.levelname.lower()}: "
+    text += record.getMessage()
+    if record.exc_info:
+      text += "\n" + self.formatException(record.exc_info)
+    return text

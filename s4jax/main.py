@@ -5,7 +5,8 @@
 
 Any config value can be overridden: `--config.total_steps=200 --config.model.backbone=resnet50`.
 Bad input (config values, workdir conflicts, data, checkpoints) ends with one message on
-stderr and exit status 2, not a traceback.
+stderr and exit status 2, not a traceback. SIGTERM or Ctrl-C saves the current step and exits
+with 143 or 130 (128 + the signal); the same command then continues.
 """
 
 import logging as logging_lib
@@ -19,6 +20,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from s4jax import errors
+from s4jax import logs
 from s4jax import train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -27,7 +29,12 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
                           "train: train (resuming from the workdir's latest checkpoint); "
-                          "eval: evaluate the workdir's best checkpoint.")
+                          "eval: evaluate a checkpoint of the workdir (--which).")
+_WHICH = flags.DEFINE_string(
+    "which", "best",
+    "--mode=eval: the checkpoint to evaluate: best, latest or a step number. The config may "
+    "differ from the run's in data.val_list, data.num_val and eval.* (the run's config.json "
+    "is not changed).")
 _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False,
     "If the workdir holds a run with a different config, move it aside to <workdir>.old-<time> "
@@ -41,6 +48,13 @@ _STOP_AFTER = flags.DEFINE_integer(
     "End this invocation at this step (with a checkpoint); rerun the same command to go on. "
     "For time-limited sessions (Colab, preemptible VMs).")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
+
+# Library loggers whose routine records are not for the person at the console: jax's
+# "Unable to initialize backend 'tpu'" on every CPU/GPU start, and tensorboardX's warning for
+# every NaN scalar (the IoU of a class absent from a validation set).
+_QUIET_LOGGERS = {"jax._src.xla_bridge": logging_lib.WARNING,
+                  "tensorboardX.x2num": logging_lib.ERROR}
+
 
 class _LibraryInfoFilter(logging_lib.Filter):
   """Drops INFO records of orbax and grain: a dozen lines per checkpoint drown the progress."""
@@ -58,6 +72,26 @@ def _fail(message: str) -> None:
   sys.exit(2)
 
 
+def _set_up_console() -> None:
+  """INFO and above on stderr as `HH:MM:SS message`, without the libraries' routine records."""
+  for name, level in _QUIET_LOGGERS.items():
+    logging_lib.getLogger(name).setLevel(level)
+  logging.set_verbosity(logging.INFO)
+  handler = logging.get_absl_handler()
+  handler.addFilter(_LibraryInfoFilter())
+  handler.setFormatter(logs.ConsoleFormatter())
+
+
+def _which(text: str):
+  """--which: "best", "latest" or a step number."""
+  if text in ("best", "latest"):
+    return text
+  if text.isdigit() and int(text) > 0:
+    return int(text)
+  _fail(f"--which={text!r} is not valid: give best, latest or a step number (one of the "
+        "folders in <workdir>/checkpoints).")
+
+
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; use --flag=value.")
@@ -73,20 +107,41 @@ def main(argv):
     _fail("--config is required, e.g. --config=configs/shapes_supervised.py")
   if not _WORKDIR.value:
     _fail("--workdir is required, e.g. --workdir=runs/demo")
+  if _MODE.value == "eval" and _OVERWRITE.value:
+    _fail("--overwrite does nothing with --mode=eval (evaluation never changes the run); "
+          "leave it out.")
+  if _MODE.value == "train" and flags.FLAGS["which"].present:
+    _fail("--which chooses the checkpoint of --mode=eval; training always continues from "
+          "the latest one. Leave it out, or add --mode=eval.")
+  if _STOP_AFTER.value is not None and _STOP_AFTER.value < 1:
+    _fail(f"--stop_after={_STOP_AFTER.value} is not valid: give the step to stop at (an "
+          "integer >= 1; the run saves there), or leave it out.")
+  which = _which(_WHICH.value)
+  _set_up_console()
   if _DISTRIBUTED.value or _COORDINATOR.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value)
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   try:
     if _MODE.value == "train":
       results = train.train_and_evaluate(config, _WORKDIR.value,
                                          overwrite=_OVERWRITE.value,
                                          stop_after=_STOP_AFTER.value)
     else:
-      results = train.evaluate_only(config, _WORKDIR.value)
+      results = train.evaluate_only(config, _WORKDIR.value, which=which)
   except errors.UserInputError as e:
     _fail(str(e))
-  if jax.process_index() == 0 and "eval/student_miou" in results:
+  except errors.Stopped as e:
+    if jax.process_index() == 0:
+      print(f"s4jax: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)
+  except KeyboardInterrupt:  # Ctrl-C twice before training began
+    print("s4jax: interrupted; nothing was saved.", file=sys.stderr)
+    sys.exit(130)
+  if jax.process_index() != 0:
+    return
+  if "stopped_at" in results:
+    print(f"stopped at step {results['stopped_at']} of {config.total_steps}; rerun without "
+          "--stop_after (or with a later step) to continue.")
+  elif "eval/student_miou" in results:
     print(f"final student mIoU {100 * results['eval/student_miou']:.2f}  "
           f"teacher mIoU {100 * results['eval/teacher_miou']:.2f}")
 

@@ -35,8 +35,3 @@ def host_to_global(local_batch: dict, mesh: Mesh) -> dict:
   sharding = batch_sharded(mesh)
   return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
           for key, value in local_batch.items()}
-
-
-def replicate(tree, mesh: Mesh):
-  """Places a host pytree on every device."""
-  return jax.device_put(tree, replicated(mesh))

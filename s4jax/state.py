@@ -22,7 +22,7 @@ class TrainState:
   params: Any                     # student parameters
   batch_stats: Any                # student BatchNorm statistics
   opt_state: optax.OptState
-  ema_params: Any                 # EMA teacher (METHODS.md §0)
+  ema_params: Any                 # EMA teacher (docs/methods.md §0)
   ema_batch_stats: Any
   aux: Any                        # non-trainable objective state (e.g. prototypes); {} if none
 

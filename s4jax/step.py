@@ -17,10 +17,11 @@ from s4jax import config_schema
 from s4jax import evaluate
 from s4jax import sharding
 from s4jax import state as state_lib
-from s4jax.losses import consistency
+from s4jax import methods
 from s4jax.losses import objective as objective_lib
 from s4jax.losses import registry
 from s4jax.losses import supervised
+from s4jax.methods import base as method_base
 from s4jax.models import segmenter
 
 
@@ -41,55 +42,6 @@ def _apply_updates_and_ema(state, grads, new_batch_stats, tx, ema_decay):
       ema_params=state_lib.ema_update(state.ema_params, params, decay_t),
       ema_batch_stats=state_lib.ema_update(state.ema_batch_stats, new_batch_stats, decay_t),
   )
-
-
-# ---- semi-supervised: FixMatch / UniMatch / UniMatch V2 ----------------------------------
-
-def _channel_dropout(key, features, rate):
-  """Dropout2d: whole channels of each example zeroed with prob `rate`, the rest scaled."""
-  keep = jax.random.bernoulli(key, 1.0 - rate, (features.shape[0], 1, 1, features.shape[-1]))
-  return features * keep.astype(features.dtype) / (1.0 - rate)
-
-
-def _complementary_dropout(key, a, b):
-  """UniMatch V2: channel mask m in {0, 2}^D per example; a * m, b * (2 - m); a random half
-  of the examples keep both views unchanged (mask 1)."""
-  k_mask, k_keep = jax.random.split(key)
-  n, d = a.shape[0], a.shape[-1]
-  m = 2.0 * jax.random.bernoulli(k_mask, 0.5, (n, 1, 1, d)).astype(a.dtype)
-  kept = jax.random.permutation(k_keep, n) < n // 2
-  m = jnp.where(kept[:, None, None, None], 1.0, m)
-  return a * m, b * (2.0 - m)
-
-
-def _strong_views(key, unit_images, pseudo, confidence, valid, config, mesh):
-  """One strong view of every unlabelled image, CutMixed with its partner.
-
-  Photometric ops run per example with keys split from `key` (identical on any device
-  count). CutMix pastes the partner's strong view and the partner's pseudo-label,
-  confidence, validity and clean weak image (the reconstruction target) with the same box;
-  the partner swap runs inside `shard_map` on each device's rows, so nothing crosses
-  devices. Returns a `StrongView` without features (the base method adds them).
-  """
-  n, h, w = unit_images.shape[:3]
-  k_photo, k_box = jax.random.split(key)
-  aug = config.augment
-  views = jax.vmap(lambda k, x: augment.strong_photometric(k, x, aug))(
-      jax.random.split(k_photo, n), unit_images)
-  boxes = jax.vmap(lambda k: augment.cutmix_box(
-      k, h, w, tuple(aug.cutmix_area), tuple(aug.cutmix_aspect), aug.cutmix_p))(
-          jax.random.split(k_box, n))
-  spec = jax.sharding.PartitionSpec(sharding.DATA_AXIS)
-
-  def mix(box, *arrays):
-    return tuple(augment.paste(box, own, augment.swap_pairs(own)) for own in arrays)
-
-  view, y, c, v, clean = jax.shard_map(mix, mesh=mesh, in_specs=(spec,) * 6,
-                                       out_specs=(spec,) * 5)(
-      boxes, views, pseudo, confidence, valid, unit_images)
-  return objective_lib.StrongView(
-      image=augment.normalize(view), clean=augment.normalize(clean), pseudo=y, confidence=c,
-      valid=v, features=None)
 
 
 def _pseudo_label_diagnostics(pseudo, confidence, valid, hidden_mask, threshold, num_classes,
@@ -128,172 +80,100 @@ def _pseudo_label_diagnostics(pseudo, confidence, valid, hidden_mask, threshold,
   return metrics
 
 
-# ---- base methods: the student's forward passes and the base losses ------------------------
-# Each returns (total loss, {name: loss}, labelled features, strong views with features).
-# `forward(images, fn)` runs the student in train mode and threads BatchNorm statistics
-# from pass to pass; the grouping of images into passes follows the papers (METHODS.md §0).
+def _refine_targets(objectives, keys, context_fields, aux):
+  """The weak view's targets after every enabled objective's target hook, in registry
+  order; also returns the hooks' metrics."""
+  metrics = {}
 
-def _supervised_method(forward, data, keys, config):
-  del keys
-  out = forward(data["x_l"], None)
-  loss_sup = supervised.labelled_loss(out["logits"], data["y_l"], config.losses)
-  return loss_sup, {"loss_sup": loss_sup}, out["features"], ()
+  def refine(targets):
+    for (objective, cfg), key in zip(objectives, keys):
+      if objective.targets is None:
+        continue
+      ctx = objective_lib.TargetContext(targets=targets, rng=key, **context_fields)
+      targets, hook_metrics = objective.targets(ctx, cfg, aux.get(objective.name, {}))
+      targets = jax.lax.stop_gradient(targets)
+      metrics.update({f"{objective.name}/{k}": v for k, v in hook_metrics.items()})
+    return targets
 
-
-def _fixmatch_method(forward, data, keys, config):
-  """One train-mode pass over [labelled; strong] (the UniMatch repository's FixMatch)."""
-  del keys
-  n_l = data["x_l"].shape[0]
-  (s1,) = data["views"]
-  out = forward(jnp.concatenate([data["x_l"], s1.image]), None)
-  losses = {
-      "loss_sup": supervised.labelled_loss(out["logits"][:n_l], data["y_l"], config.losses),
-      "loss_s1": consistency.pseudo_label_loss(out["logits"][n_l:], s1.pseudo, s1.confidence,
-                                               s1.valid, config.semi.threshold),
-  }
-  total = 0.5 * (losses["loss_sup"] + losses["loss_s1"])
-  views = (dataclasses.replace(s1, features=out["features"][n_l:]),)
-  return total, losses, out["features"][:n_l], views
-
-
-def _unimatch_method(forward, data, keys, config):
-  """Pass 1: [labelled; weak] through the encoder; the decoder sees the clean features and
-  channel-dropped copies (feature perturbation) in one batch. Pass 2: [s1; s2]."""
-  semi = config.semi
-  x_l, x_w = data["x_l"], data["x_w"]
-  n_l, n_u = x_l.shape[0], x_w.shape[0]
-
-  def encode_decode_fp(module, images, train):
-    low, high = module.encode(images, train=train)
-    k_low, k_high = jax.random.split(keys["fp"])
-    low_all = jnp.concatenate([low, _channel_dropout(k_low, low, semi.fp_dropout)])
-    high_all = jnp.concatenate([high, _channel_dropout(k_high, high, semi.fp_dropout)])
-    decoded = module.decode(low_all, high_all, train=train)
-    return {"logits": segmenter.upsample_logits(decoded["logits"], images.shape[1:3]),
-            "features": decoded["features"]}
-
-  out1 = forward(jnp.concatenate([x_l, x_w]), encode_decode_fp)
-  logits_fp = out1["logits"][2 * n_l + n_u:]
-  s1, s2 = data["views"]
-  out2 = forward(jnp.concatenate([s1.image, s2.image]), None)
-  losses = {
-      "loss_sup": supervised.labelled_loss(out1["logits"][:n_l], data["y_l"], config.losses),
-      "loss_s1": consistency.pseudo_label_loss(out2["logits"][:n_u], s1.pseudo, s1.confidence,
-                                               s1.valid, semi.threshold),
-      "loss_s2": consistency.pseudo_label_loss(out2["logits"][n_u:], s2.pseudo, s2.confidence,
-                                               s2.valid, semi.threshold),
-      "loss_fp": consistency.pseudo_label_loss(logits_fp, data["pseudo"], data["confidence"],
-                                               data["valid"], semi.threshold),
-  }
-  total = 0.5 * (losses["loss_sup"] + 0.25 * losses["loss_s1"] + 0.25 * losses["loss_s2"]
-                 + 0.5 * losses["loss_fp"])
-  views = (dataclasses.replace(s1, features=out2["features"][:n_u]),
-           dataclasses.replace(s2, features=out2["features"][n_u:]))
-  return total, losses, out1["features"][:n_l], views
-
-
-def _unimatch_v2_method(forward, data, keys, config):
-  """A labelled pass, then [s1; s2] with complementary channel dropout."""
-  semi = config.semi
-  n_u = data["x_w"].shape[0]
-  out_l = forward(data["x_l"], None)
-
-  def encode_decode_comp(module, images, train):
-    low, high = module.encode(images, train=train)
-    k_low, k_high = jax.random.split(keys["comp"])
-    low1, low2 = _complementary_dropout(k_low, low[:n_u], low[n_u:])
-    high1, high2 = _complementary_dropout(k_high, high[:n_u], high[n_u:])
-    decoded = module.decode(jnp.concatenate([low1, low2]), jnp.concatenate([high1, high2]),
-                            train=train)
-    return {"logits": segmenter.upsample_logits(decoded["logits"], images.shape[1:3]),
-            "features": decoded["features"]}
-
-  s1, s2 = data["views"]
-  out = forward(jnp.concatenate([s1.image, s2.image]), encode_decode_comp)
-  losses = {
-      "loss_sup": supervised.labelled_loss(out_l["logits"], data["y_l"], config.losses),
-      "loss_s1": consistency.pseudo_label_loss(out["logits"][:n_u], s1.pseudo, s1.confidence,
-                                               s1.valid, semi.threshold),
-      "loss_s2": consistency.pseudo_label_loss(out["logits"][n_u:], s2.pseudo, s2.confidence,
-                                               s2.valid, semi.threshold),
-  }
-  total = 0.5 * (losses["loss_sup"] + 0.5 * (losses["loss_s1"] + losses["loss_s2"]))
-  views = (dataclasses.replace(s1, features=out["features"][:n_u]),
-           dataclasses.replace(s2, features=out["features"][n_u:]))
-  return total, losses, out_l["features"], views
-
-
-BASE_METHODS = {
-    "supervised": _supervised_method,
-    "fixmatch": _fixmatch_method,
-    "unimatch": _unimatch_method,
-    "unimatch_v2": _unimatch_v2_method,
-}
-# Strong views each method draws from every unlabelled image.
-_NUM_STRONG_VIEWS = {"supervised": 0, "fixmatch": 1, "unimatch": 2, "unimatch_v2": 2}
+  return refine, metrics
 
 
 def train_step(state, batch, *, model, tx, config, mesh, background_classes=(0,)):
   """One step of `config.method` plus every enabled auxiliary objective.
 
-  The teacher (EMA weights, inference mode, clean weak view) gives pseudo-labels; strong
-  views are drawn on device; the base method runs the student's passes; each objective adds
-  its weighted loss from the recorded context; then the optimizer update and the EMA update
-  of the teacher.
+  Order: the weak view's pseudo-labels (the EMA teacher, inference mode, before the
+  student's passes; or with `teacher.source = "student"` the student's own train-mode pass
+  over it, no teacher forward at all) -> the objectives' target hooks -> the base method's
+  passes and losses (s4jax/methods/) -> each objective's loss from the recorded context ->
+  the optimizer update -> the EMA update of the teacher.
   """
-  method = config.method
-  num_views = _NUM_STRONG_VIEWS[method]
+  del mesh  # shardings come from the jit boundary; the partner gather crosses devices there
+  method = methods.get(config.method)
   rng = step_rng(config.seed, state.step)
   k_views, k_fp, k_comp, k_dropout, k_objectives = jax.random.split(rng, 5)
   objectives = registry.enabled(config)
   objective_keys = jax.random.split(k_objectives, max(len(objectives), 1))
+  hook_keys = jax.random.split(jax.random.fold_in(k_objectives, 1), max(len(objectives), 1))
+  widths = segmenter.feature_widths(model)
 
-  data = {"x_l": augment.normalize_uint8(batch["image"]), "y_l": batch["mask"], "views": ()}
-  metrics = {}
-  if num_views:
+  x_l, y_l = augment.normalize_uint8(batch["image"]), batch["mask"]
+  u_unit = valid = teacher_logits = None
+  if method.num_strong_views:
     u_unit = augment.to_unit_range(batch["u_image"])
-    data["x_w"] = augment.normalize(u_unit)
-    data["valid"] = batch["u_valid"].astype(jnp.float32)
-    teacher_logits = model.apply(state.teacher_variables(), data["x_w"], train=False)["logits"]
-    data["pseudo"], data["confidence"] = consistency.pseudo_labels(teacher_logits)
-    data["views"] = tuple(
-        _strong_views(k, u_unit, data["pseudo"], data["confidence"], data["valid"], config,
-                      mesh) for k in jax.random.split(k_views, num_views))
-    metrics.update(_pseudo_label_diagnostics(
-        data["pseudo"], data["confidence"], data["valid"], batch.get("u_mask"),
-        config.semi.threshold, teacher_logits.shape[-1], tuple(background_classes)))
+    valid = batch["u_valid"].astype(jnp.float32)
+    if config.teacher.source == "ema":
+      teacher_logits = model.apply(state.teacher_variables(), augment.normalize(u_unit),
+                                   train=False)["logits"]
   keys = {"fp": k_fp, "comp": k_comp}
 
   def loss_fn(params):
-    batch_stats = [state.batch_stats]
-
-    def forward(images, fn):
-      out, mutated = model.apply({"params": params, "batch_stats": batch_stats[0]}, images,
-                                 train=True, mutable=["batch_stats"], method=fn,
-                                 rngs={"dropout": k_dropout})
-      batch_stats[0] = mutated["batch_stats"]
-      return out
-
-    total, losses, labelled_features, views = BASE_METHODS[method](forward, data, keys, config)
+    passes = method_base.StudentPasses(model, params, state.batch_stats, k_dropout)
+    unlabelled, hook_metrics = None, {}
+    if method.num_strong_views:
+      refine, hook_metrics = _refine_targets(objectives, hook_keys, dict(
+          config=config, model=model, params=params, batch_stats=state.batch_stats,
+          teacher_variables=state.teacher_variables(), weak_image=augment.normalize(u_unit),
+          weak_valid=valid, step=state.step, num_classes=model.num_classes), state.aux)
+      unlabelled = method_base.Unlabelled(
+          weak=augment.normalize(u_unit), valid=valid,
+          views=tuple(method_base.strong_views(k, u_unit, valid, config)
+                      for k in jax.random.split(k_views, method.num_strong_views)),
+          teacher_logits=teacher_logits, refine=refine)
+    result = method.run(passes, x_l, y_l, unlabelled, keys, config)
+    total, losses = result.total, dict(result.losses)
+    losses.update(hook_metrics)
+    targets = result.targets
     context = objective_lib.StepContext(
         config=config, model=model, params=params, batch_stats=state.batch_stats,
         rng=None, step=state.step, num_classes=model.num_classes,
-        background_classes=tuple(background_classes), labelled_image=data["x_l"],
-        labelled_mask=data["y_l"], labelled_features=labelled_features,
-        weak_image=data.get("x_w"), weak_valid=data.get("valid"), pseudo=data.get("pseudo"),
-        confidence=data.get("confidence"), strong_views=views)
+        background_classes=tuple(background_classes), labelled_image=x_l,
+        labelled_mask=y_l, labelled_features=result.features["labelled"].fused,
+        weak_image=unlabelled.weak if unlabelled else None,
+        weak_valid=unlabelled.valid if unlabelled else None,
+        pseudo=targets.pseudo if targets else None,
+        confidence=targets.confidence if targets else None, strong_views=result.views,
+        features=result.features, targets=targets,
+        teacher_variables=state.teacher_variables(), feature_widths=widths)
     new_aux = dict(state.aux)
     for (objective, cfg), key in zip(objectives, objective_keys):
       loss, obj_metrics, new_aux[objective.name] = objective.loss(
           dataclasses.replace(context, rng=key), cfg, state.aux.get(objective.name, {}))
       total = total + loss
       losses.update({f"{objective.name}/{k}": v for k, v in obj_metrics.items()})
-    return total, (losses, batch_stats[0], new_aux)
+    new_batch_stats = passes.batch_stats
+    if context.head_batch_stats:  # heads applied in train mode by objectives
+      new_batch_stats = {**new_batch_stats, **context.head_batch_stats}
+    return total, (losses, new_batch_stats, new_aux, targets)
 
-  (total, (losses, new_batch_stats, new_aux)), grads = jax.value_and_grad(
+  (total, (losses, new_batch_stats, new_aux, targets)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
   new_state = _apply_updates_and_ema(state, grads, new_batch_stats, tx, config.teacher.ema_decay)
   new_state = new_state.replace(aux=new_aux)
+  metrics = {}
+  if targets is not None:
+    metrics.update(_pseudo_label_diagnostics(
+        targets.pseudo, targets.confidence, valid, batch.get("u_mask"), config.semi.threshold,
+        model.num_classes, tuple(background_classes)))
   metrics.update({"train/loss": total, "train/grad_norm": optax.tree.norm(grads)})
   metrics.update({f"train/{k}": v for k, v in losses.items()})
   return new_state, metrics
@@ -314,8 +194,13 @@ def make_eval_step(model, config, num_classes: int, mesh):
   """Jitted (variables, images, masks) -> summed confusion matrix of that batch."""
   window, stride = config_schema.eval_window(config)
 
+  refiners = [(o, cfg) for o, cfg in registry.enabled(config) if o.refine_eval is not None]
+
   def apply_fn(variables, images):
-    return model.apply(variables, images, train=False)["logits"]
+    logits = model.apply(variables, images, train=False)["logits"]
+    for objective, cfg in refiners:  # e.g. AuxSegNet scores its affinity-refined prediction
+      logits = objective.refine_eval(model, variables, images, logits, cfg)
+    return logits
 
   eval_fn = evaluate.make_eval_fn(
       apply_fn, num_classes, mode=config.eval.mode, window=window, stride=stride)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-IGNORE_INDEX = 255
+from s4jax.labels import IGNORE_INDEX
 # White marks "ignore" pixels in label maps.
 IGNORE_COLOR = (255, 255, 255)
 # Light grey between grid cells. Every channel value of a VOC palette colour

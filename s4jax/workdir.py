@@ -1,9 +1,15 @@
-"""A workdir belongs to one run: its config is recorded on first use and checked on reuse.
+"""A workdir belongs to one run: its config is recorded once the run has started and checked
+on reuse.
 
 Resuming with the same config (operational keys such as `log_every` may differ) continues
 the run. A different config is refused, because continuing someone else's checkpoints with
 new settings silently mixes two experiments. `--overwrite` moves the old run aside
-(`<workdir>.old-<time>`); nothing is deleted.
+(`<workdir>.old-<time>`); nothing is deleted. A folder that is not a run (a dataset, a home
+directory) is never used, moved or written into, with or without `--overwrite`.
+
+`config.json` is written by `record`, called by the training loop once data and state are
+built: a start that fails (a wrong data root, say) leaves no record that would make the
+corrected command look like a different run.
 """
 
 import json
@@ -13,9 +19,16 @@ import time
 import ml_collections
 
 from s4jax import config_schema
-from s4jax.errors import WorkdirConflictError
+from s4jax.errors import WorkdirConflictError, WorkdirError
 
 CONFIG_FILE = "config.json"
+# What a run writes into its workdir (besides config.json): a folder holding only these
+# (e.g. after a start that failed before recording its config) still belongs to s4jax.
+RUN_ENTRIES = frozenset({CONFIG_FILE, CONFIG_FILE + ".tmp", "checkpoints", "best", "damaged",
+                         "metrics.jsonl", "metrics.jsonl.tmp", "tensorboard", "images"})
+# Keys evaluation may change without being another run: what it evaluates on and how.
+EVAL_KEY_PREFIXES = ("eval.",)
+EVAL_KEYS = ("data.val_list", "data.num_val")
 
 
 def _flatten(d, prefix=""):
@@ -76,53 +89,137 @@ def differing_keys(old: dict, new: dict) -> list[str]:
           and k not in config_schema.OPERATIONAL_KEYS]
 
 
-def prepare(workdir: str, config, *, overwrite: bool = False, is_writer: bool = True,
-            record: bool = True) -> str:
-  """Creates or checks `workdir`; returns "new", "resume" or "moved:<path>".
+def _is_eval_key(key: str) -> bool:
+  return key in EVAL_KEYS or key.startswith(EVAL_KEY_PREFIXES)
 
-  Raises WorkdirConflictError if the workdir holds a run with a different config and
-  `overwrite` is False.
+
+def _shown_diff(old: dict, new: dict, diff: list[str]) -> str:
+  return "\n".join(f"  {k}: {_flatten(old).get(k, '<absent>')!r} -> "
+                   f"{_flatten(new).get(k, '<absent>')!r}" for k in diff[:12])
+
+
+def _read_record(path: str, advice: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise WorkdirConflictError(
+        f"{path} is not valid JSON ({e}); this workdir's run cannot be identified. "
+        f"{advice}") from None
+  except OSError as e:
+    raise WorkdirError(f"Cannot read {path} ({e.strerror}).") from None
+
+
+def _moved_name(workdir: str) -> str:
+  return f"{os.path.abspath(workdir).rstrip(os.sep)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _check_folder(workdir: str) -> None:
+  """A path that exists must be a folder."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f"--workdir={workdir} is a file, not a folder. Give the path of a new "
+                       "(or empty) folder for the run.")
+
+
+def _foreign_entries(workdir: str) -> list[str]:
+  """Entries of an existing folder without a config record that s4jax did not write."""
+  if not os.path.isdir(workdir) or os.path.exists(os.path.join(workdir, CONFIG_FILE)):
+    return []
+  return sorted(set(os.listdir(workdir)) - RUN_ENTRIES)
+
+
+def _check_writable(workdir: str) -> None:
+  """Creates the workdir and writes a probe file: a read-only or missing filesystem is one
+  message naming the path now, not a traceback at the first checkpoint."""
+  probe = os.path.join(workdir, ".s4jax-write-test")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, "w") as f:
+      f.write("")
+    os.remove(probe)
+  except OSError as e:
+    raise WorkdirError(
+        f"Cannot write in --workdir={workdir} ({e.strerror or e}). Give a folder on a "
+        "writable filesystem.") from None
+
+
+def prepare(workdir: str, config, *, overwrite: bool = False, is_writer: bool = True) -> str:
+  """Checks `workdir` for training (and creates it); returns "new", "resume" or
+  "moved:<path>". Writes no config record: see `record`.
+
+  Raises WorkdirError if the path is a file, not writable, or a non-empty folder that is not
+  a run; WorkdirConflictError if it holds a run with a different config and `overwrite` is
+  False.
   """
+  _check_folder(workdir)
   path = os.path.join(workdir, CONFIG_FILE)
   new = config_as_dict(config)
   status = "new"
+  foreign = _foreign_entries(workdir)
+  if foreign:
+    shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+    raise WorkdirError(
+        f"--workdir={workdir} is not empty and is not an s4jax run (no {CONFIG_FILE}; it "
+        f"holds {shown}). Nothing was changed. Give a new or empty folder for the run; "
+        "s4jax does not write into, move or delete a folder it did not create, even with "
+        "--overwrite.")
   if os.path.exists(path):
-    with open(path) as f:
-      try:
-        old = json.load(f)
-      except json.JSONDecodeError as e:
-        raise WorkdirConflictError(
-            f"{path} is not valid JSON ({e}); this workdir's run cannot be identified. "
-            "Use another --workdir, or pass --overwrite to move it aside.") from e
+    old = _read_record(path, "Use another --workdir, or pass --overwrite to move it aside.")
     diff = differing_keys(old, new)
     if not diff:
       status = "resume"
     elif not overwrite:
-      shown = "\n".join(f"  {k}: {_flatten(old).get(k, '<absent>')!r} -> "
-                        f"{_flatten(new).get(k, '<absent>')!r}" for k in diff[:12])
       raise WorkdirConflictError(
           f"The workdir {workdir} holds a run with a different config ({len(diff)} keys "
-          f"differ):\n{shown}\nNothing was changed. Use another --workdir, or pass "
-          "--overwrite to move the old run to a sibling folder and start afresh.")
+          f"differ):\n{_shown_diff(old, new, diff)}\nNothing was changed. Use another "
+          "--workdir, or pass --overwrite to move the old run to a sibling folder and start "
+          "afresh.")
     else:
-      moved = f"{os.path.abspath(workdir).rstrip(os.sep)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+      moved = _moved_name(workdir)
       if is_writer:
         os.rename(workdir, moved)
       status = f"moved:{moved}"
-  elif overwrite and os.path.isdir(workdir) and os.listdir(workdir) and is_writer:
-    # Something is there without a config record: keep it, out of the way.
-    moved = f"{os.path.abspath(workdir).rstrip(os.sep)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-    os.rename(workdir, moved)
+  elif overwrite and os.path.isdir(workdir) and os.listdir(workdir):
+    # What a run writes, without a config record: keep it, out of the way.
+    moved = _moved_name(workdir)
+    if is_writer:
+      os.rename(workdir, moved)
     status = f"moved:{moved}"
   elif os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(
       os.path.join(workdir, "checkpoints")):
     raise WorkdirConflictError(
         f"The workdir {workdir} has checkpoints but no {CONFIG_FILE}, so it cannot be checked "
         "against this config. Use another --workdir, or pass --overwrite to move it aside.")
-  if is_writer and record:  # record=False: check only (evaluation writes no config record)
-    os.makedirs(workdir, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(new, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+  if is_writer:
+    _check_writable(workdir)
   return status
+
+
+def record(workdir: str, config) -> None:
+  """Writes `config.json` (atomically): the run has started, and this is its config."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(config_as_dict(config), f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def check_for_evaluation(workdir: str, config) -> None:
+  """Evaluation reads a run as it is: it needs the run's config record, and the config may
+  differ from it only in what evaluation uses (`data.val_list`, `data.num_val`, `eval.*`)
+  and operational keys. Writes nothing."""
+  _check_folder(workdir)
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise WorkdirError(
+        f"--workdir={workdir} holds no training run ({path} does not exist). Train first "
+        "with --mode=train, or check the path.")
+  old = _read_record(path, "Evaluate it with the config it was trained with.")
+  new = config_as_dict(config)
+  diff = [k for k in differing_keys(old, new) if not _is_eval_key(k)]
+  if diff:
+    raise WorkdirConflictError(
+        f"The run in {workdir} was trained with a different config ({len(diff)} keys "
+        f"differ):\n{_shown_diff(old, new, diff)}\nEvaluation may change only data.val_list, "
+        "data.num_val, eval.* and the operational keys; give the config (and overrides) the "
+        "run was trained with.")

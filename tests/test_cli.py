@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -30,16 +31,25 @@ def test_cli_trains_evaluates_and_resumes(tmp_path):
   done = _cli(f"--config={CONFIG}", f"--workdir={workdir}", *TINY)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "final student mIoU" in done.stdout
+  # The console is for a person: no backend probing, no absl prefix, short progress lines.
+  assert "Unable to initialize backend" not in done.stderr
+  assert not re.search(r"^[IWEF]\d{4} ", done.stderr, re.M), done.stderr[:500]
+  progress = [l for l in done.stderr.splitlines() if " step 2/2 | " in l]
+  assert progress and len(progress[0]) < 100, progress
   records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [r["step"] for r in records if "train/loss" in r] == [1, 2]
   assert any("eval/teacher_miou" in r for r in records)
-  # eval mode reads the best checkpoint and leaves the run's records as they were
+  # eval mode reads the best checkpoint, may evaluate on another validation set, and leaves
+  # the run's records as they were
   record = os.path.join(workdir, "config.json")
   stamp = os.stat(record).st_mtime_ns
-  evaluated = _cli(f"--config={CONFIG}", f"--workdir={workdir}", "--mode=eval", *TINY)
+  listing = sorted(os.listdir(workdir))
+  evaluated = _cli(f"--config={CONFIG}", f"--workdir={workdir}", "--mode=eval", *TINY,
+                   "--config.data.num_val=4")
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   assert "eval of the best checkpoint (step 2)" in evaluated.stderr
   assert os.stat(record).st_mtime_ns == stamp
+  assert sorted(os.listdir(workdir)) == listing
 
 
 @pytest.mark.parametrize("override, key", [
@@ -77,3 +87,20 @@ def test_workdir_conflict_is_one_message_and_changes_nothing(tmp_path):
   assert "holds a run with a different config" in done.stderr
   assert "--overwrite" in done.stderr
   assert sorted(os.listdir(tmp_path)) == ["config.json"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--stop_after=-1"], "--stop_after=-1 is not valid"),
+    (["--workdir={file}"], "is a file, not a folder"),
+])
+def test_bad_run_arguments_give_one_message(tmp_path, args, message):
+  a_file = tmp_path / "notes.txt"
+  a_file.write_text("mine")
+  args = [a.format(file=a_file) for a in args]
+  if not any(a.startswith("--workdir=") for a in args):
+    args.append(f"--workdir={tmp_path / 'run'}")
+  done = _cli(f"--config={CONFIG}", *args, *TINY)
+  assert done.returncode == 2
+  assert done.stderr.strip().splitlines() == [done.stderr.strip()]  # one line
+  assert message in done.stderr and "Traceback" not in done.stderr
+  assert a_file.read_text() == "mine" and not (tmp_path / "run").exists()

@@ -9,8 +9,10 @@ import pytest
 
 from s4jax import train
 from s4jax.errors import ConfigError
+from s4jax.errors import UserInputError
 from s4jax.models import convert
 from s4jax.models import segmenter
+import torch_writer
 from tiny import tiny_config
 
 # Our module names -> torch's, written out here independently of convert.py.
@@ -88,11 +90,19 @@ def test_mismatching_weights_are_refused_with_the_parameter(tmp_path):
     convert.load_backbone(path18, *_variables(2))
 
 
-def test_pth_without_torch_says_how_to_convert(tmp_path, monkeypatch):
-  path = tmp_path / "resnet101.pth"
-  path.write_bytes(b"not read")
+@pytest.mark.parametrize("writer", [torch_writer.legacy_bytes, torch_writer.zip_bytes])
+def test_pth_is_read_without_torch(tmp_path, monkeypatch, writer):
   monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
-  with pytest.raises(ConfigError, match=r"python -m s4jax\.models\.convert .*resnet101\.npz"):
+  params, stats = _variables(1)
+  path = tmp_path / "resnet18.pth"
+  path.write_bytes(writer(_as_torch_state_dict(params, stats)))
+  got_params, got_stats = convert.load_backbone(str(path), *_variables(2))
+  for want, got in ((params["backbone"], got_params["backbone"]),
+                    (stats["backbone"], got_stats["backbone"])):
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+      np.testing.assert_array_equal(np.asarray(a), b)
+  path.write_bytes(b"not read")
+  with pytest.raises(UserInputError, match=r"resnet18\.pth is not a PyTorch checkpoint"):
     convert.read_state_dict(str(path))
   with pytest.raises(ConfigError, match="is not a file"):
     convert.read_state_dict(str(tmp_path / "missing.npz"))
@@ -132,6 +142,7 @@ def test_exported_backbone_starts_another_run(tmp_path):
   workdir = str(tmp_path / "pretrain")
   run = train.Run(tiny_config(), workdir)
   state = run.restore_or_init()
+  run.record_config()  # as the loop does once a run has started
   # A teacher that differs from the student, so the export's choice shows.
   state = state.replace(ema_params=jax.tree.map(lambda x: x + 1.0, state.ema_params))
   run.checkpointer.save(3, state, run.iterators)

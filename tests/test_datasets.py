@@ -270,16 +270,21 @@ def test_no_tensorflow_in_the_environment():
 
 # ---- evaluation batches and sliding window ----------------------------------------------
 
-def test_eval_batches_pad_to_a_fixed_size(trees):
+def test_eval_batches_hold_one_image_size_each_and_never_pad(trees):
   spec = _build("voc", trees["voc"][0])
-  shapes = {b["image"].shape[1:3] for b in pipeline.make_eval_batches(
-      spec.val_source, global_batch_size=2, pad_multiple=32, pad_to=64)}
-  assert shapes == {(64, 64)}
-  batches = list(pipeline.make_eval_batches(spec.val_source, global_batch_size=1))
-  assert len({b["image"].shape for b in batches}) > 1  # varying sizes without pad_to
-  with pytest.raises(DataError, match=r"2007_0000\d\d\.jpg is \d+x\d+, larger than "
-                     r"eval.pad_to=48"):
-    list(pipeline.make_eval_batches(spec.val_source, global_batch_size=2, pad_to=48))
+  source = spec.val_source
+  batches = pipeline.make_eval_batches(source, global_batch_size=2)
+  sizes = [tuple(source[i]["image"].shape[:2]) for i in range(len(source))]
+  assert batches.num_shapes == len(set(sizes)) > 1
+  seen = 0
+  for batch in batches:
+    for image, mask in zip(batch["image"], batch["mask"]):
+      if np.all(mask == 255):
+        continue  # a dummy row filling the last batch of a size
+      seen += 1
+      # Every real row is a whole image of exactly the batch's size: no padding at all.
+      assert tuple(image.shape[:2]) in sizes
+  assert seen == len(source)
 
 
 def test_sliding_window_covers_cityscapes_frames_with_801_534():
@@ -469,8 +474,8 @@ def _cli(*args):
 
 @pytest.mark.parametrize("name, config, extra", [
     # The flagship: UniMatch + class-wise MIM on VOC through its config (which starts from
-    # voc_unimatch.py), whole-image eval at a fixed pad; 16-px patches on the 32-px crop.
-    ("voc", "voc_cwmim.py", ["--config.eval.pad_to=64", "--config.data.labelled_fraction=0.5",
+    # voc_unimatch.py), whole-image eval at each image's size; 16-px patches on the 32-px crop.
+    ("voc", "voc_cwmim.py", ["--config.data.labelled_fraction=0.5",
                              "--config.losses.cwmim.patch_size=16"]),
     # Cityscapes: sliding-window eval and the OHEM config (supervised: one compile fewer).
     ("cityscapes", "cityscapes_unimatch.py",
@@ -507,7 +512,8 @@ def test_cli_bad_root_is_one_message_with_the_tree(tmp_path):
     ({"data.name": "voc", "data.root": "/x", "data.split": "92",
       "data.labelled_list": "a.txt"}, "data.split"),
     ({"data.name": "voc", "data.source": "tfds"}, "data.tfds_dir"),
-    ({"eval.pad_to": -1}, "eval.pad_to"),
+    ({"teacher.source": "ema_student"}, "teacher.source"),
+    ({"method": "unimatch_v2", "teacher.source": "student"}, "teacher.source"),
     ({"losses.supervised": "focal"}, "losses.supervised"),
     ({"losses.ohem_threshold": 0.0}, "losses.ohem_threshold"),
     ({"data.shapes.objects": (2, 1)}, "data.shapes.objects"),

@@ -52,8 +52,9 @@ def test_resnet_stage_shapes(depth, output_stride):
   _, features = _resnet_abstract(depth, output_stride)
   low_channels, high_channels = resnet.resnet_output_channels(depth, WIDTH)
   expansion = high_channels // (8 * WIDTH)
+  # Nominal strides of the stem and the four stages: the last ones dilate instead.
   strides = dict(zip(["stem", "layer1", "layer2", "layer3", "layer4"],
-                     resnet.stage_strides(output_stride)))
+                     (2, 4, 8, min(16, output_stride), output_stride)))
   channels = {
       "stem": WIDTH,
       "layer1": low_channels,
@@ -250,8 +251,7 @@ def test_segmenter_outputs(small_model_outputs):
   for out in small_model_outputs[0], small_model_outputs[2]:
     assert out["logits"].shape == (2, IMAGE, IMAGE, NUM_CLASSES)
     assert out["logits"].dtype == jnp.float32
-    assert out["logits_stride4"].shape == (
-        2, IMAGE // 4, IMAGE // 4, NUM_CLASSES)
+    assert out["low"].shape == (2, IMAGE // 4, IMAGE // 4, WIDTH)
     assert out["features"].shape == (2, IMAGE // 4, IMAGE // 4, 16)
     assert np.all(np.isfinite(out["logits"]))
 
@@ -289,8 +289,8 @@ def test_encode_decode_match_call(small_model, small_model_outputs):
   low, high, out = split(variables, x)
   assert low.shape == (2, IMAGE // 4, IMAGE // 4, WIDTH)
   assert high.shape == (2, IMAGE // 16, IMAGE // 16, 8 * WIDTH)
-  np.testing.assert_allclose(out["logits"], eval_out["logits_stride4"],
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out["features"], eval_out["features"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(low, eval_out["low"], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(
       segmenter_lib.upsample_logits(out["logits"], (IMAGE, IMAGE)),
       eval_out["logits"], rtol=1e-5, atol=1e-5)
@@ -308,7 +308,6 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
       variables, x)
   assert out["logits"].dtype == jnp.float32
   assert out["logits"].shape == (1, IMAGE, IMAGE, NUM_CLASSES)
-  assert out["logits_stride4"].dtype == jnp.float32
   assert out["features"].dtype == jnp.bfloat16
   assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(state))
 
@@ -322,7 +321,7 @@ def test_segmenter_logits_at_input_resolution(backbone):
   out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False),
                        variables, x)
   assert out["logits"].shape == (1, 48, 80, NUM_CLASSES)
-  assert out["logits_stride4"].shape == (1, 12, 20, NUM_CLASSES)
+  assert out["features"].shape[:3] == (1, 12, 20)
 
 
 def test_bad_backbone_and_output_stride_raise():

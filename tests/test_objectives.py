@@ -220,7 +220,7 @@ def _context(config, model, variables, rng_seed=0, n=4):
     out = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, images,
                       train=False)
     view = objective_lib.StrongView(image=images, clean=images[::-1], pseudo=pseudo,
-                                    confidence=confidence, valid=valid,
+                                    confidence=confidence, valid=valid, box=None,
                                     features=out["features"])
     return objective_lib.StepContext(
         config=config, model=model, params=params, batch_stats=variables["batch_stats"],

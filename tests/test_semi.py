@@ -1,17 +1,14 @@
 """The semi-supervised step: pseudo-label loss, CutMix pasting, EMA teacher, sharding."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from s4jax import augment
 from s4jax import config_schema
 from s4jax import errors
 from s4jax import logs
-from s4jax import sharding
 from s4jax import step as step_lib
 from s4jax import train
 from s4jax.data import datasets
@@ -43,46 +40,15 @@ def test_pseudo_labels_are_argmax_and_max_probability():
   np.testing.assert_allclose(conf, p.max(-1), rtol=1e-6)
 
 
-def test_strong_views_paste_image_and_pseudo_labels_with_the_same_box():
-  config = tiny_config(**{"augment.jitter_p": 0.0, "augment.grayscale_p": 0.0,
-                          "augment.blur_p": 0.0, "augment.cutmix_p": 1.0})
-  mesh = sharding.make_mesh()
-  n, h, w = 16, 12, 12
-  rng = np.random.default_rng(1)
-  images = rng.random((n, h, w, 3)).astype(np.float32)
-  pseudo = rng.integers(0, 5, (n, h, w)).astype(np.int32)
-  conf = rng.random((n, h, w)).astype(np.float32)
-  valid = (rng.random((n, h, w)) > 0.2).astype(np.float32)
-  put = lambda x: jax.device_put(x, sharding.batch_sharded(mesh))
-  fn = jax.jit(functools.partial(step_lib._strong_views, config=config, mesh=mesh))
-  strong = jax.device_get(fn(jax.random.key(0), put(images), put(pseudo), put(conf),
-                             put(valid)))
-  y, c, v = strong.pseudo, strong.confidence, strong.valid
-  partner = np.arange(n) ^ 1
-  unit_view = np.asarray(augment.denormalize_to_uint8(strong.image)).astype(np.float32) / 255
-  unit_clean = np.asarray(augment.denormalize_to_uint8(strong.clean)).astype(np.float32) / 255
-  for i in range(n):
-    from_partner = np.abs(unit_view[i] - images[partner[i]]).max(-1) < 1 / 255 + 1e-6
-    # The reconstruction target is the clean weak image under the same box.
-    clean_from_partner = np.abs(unit_clean[i] - images[partner[i]]).max(-1) < 1 / 255 + 1e-6
-    clean_own = np.abs(unit_clean[i] - images[i]).max(-1) < 1 / 255 + 1e-6
-    assert np.all(clean_from_partner | clean_own)
-    box = (y[i] == pseudo[partner[i]]) & (c[i] == conf[partner[i]]) & (v[i] == valid[partner[i]])
-    inside = ~((c[i] == conf[i]) & (y[i] == pseudo[i]))  # pixels that changed label data
-    assert inside.any(), "cutmix_p=1 must paste a box"
-    # Wherever the labels came from the partner, the image came from the partner too.
-    assert np.all(from_partner[inside]) and np.all(box[inside])
-    assert np.all(clean_from_partner[inside])
-
-
 @pytest.fixture(scope="module")
 def semi_batches():
-  config = tiny_config(method="unimatch", unlabelled_batch_size=16)
+  # One unlabelled image per device on 8 devices: CutMix partners cross devices.
+  config = tiny_config(method="unimatch", unlabelled_batch_size=8)
   spec = datasets.build(config.data)
   lab = pipeline.make_train_iterator(spec.train_source, spec.labelled_indices, batch_size=8,
                                      crop_size=32, seed=0, kind="labelled")
   unl = pipeline.make_train_iterator(spec.train_source, spec.unlabelled_indices,
-                                     batch_size=16, crop_size=32, seed=0, kind="unlabelled")
+                                     batch_size=8, crop_size=32, seed=0, kind="unlabelled")
   batches = []
   for _ in range(2):
     b, u = next(lab), next(unl)
@@ -92,7 +58,7 @@ def semi_batches():
 
 @pytest.fixture(scope="module")
 def unimatch_runs(semi_batches):
-  config = tiny_config(method="unimatch", unlabelled_batch_size=16,
+  config = tiny_config(method="unimatch", unlabelled_batch_size=8,
                        **{"teacher.ema_decay": 0.0, "semi.threshold": 0.3})
   one = run_steps(config, jax.devices()[:1], semi_batches)
   eight = run_steps(config, jax.devices(), semi_batches)
@@ -110,6 +76,21 @@ def test_unimatch_step_same_on_one_and_eight_devices(unimatch_runs):
   # The unlabelled losses are live: with threshold 0.3 some pixels are confident.
   assert h1[1]["train/confident_fraction"] > 0
   assert h1[1]["train/loss_s1"] > 0 and h1[1]["train/loss_fp"] > 0
+
+
+# UniMatch V2's step is checked on 8 devices through the loop; its 1-vs-8 run would add
+# ~100 s to the suite.
+@pytest.mark.parametrize("method, source", [("fixmatch", "student")])
+def test_other_methods_same_on_one_and_eight_devices(semi_batches, method, source):
+  config = tiny_config(method=method, unlabelled_batch_size=8,
+                       **{"teacher.source": source, "semi.threshold": 0.3})
+  (s1, h1, _), (s8, h8, _) = (run_steps(config, jax.devices()[:1], semi_batches[:1]),
+                              run_steps(config, jax.devices(), semi_batches[:1]))
+  for key in ("train/loss", "train/loss_sup", "train/loss_s1", "train/confident_fraction"):
+    np.testing.assert_allclose(h1[0][key], h8[0][key], rtol=2e-4, atol=1e-6, err_msg=key)
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params)):
+    np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5)
+  assert h1[0]["train/loss_s1"] > 0
 
 
 def test_ema_decay_zero_teacher_is_the_student(unimatch_runs):

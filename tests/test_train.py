@@ -160,7 +160,8 @@ def test_resume_equals_straight_run(straight_run, tmp_path):
   _tree_allclose(results["state"].ema_params, second["state"].ema_params, rtol=1e-6, atol=1e-7)
   # The data iterators stand at the same position: the same batches were consumed.
   state_file = os.path.join("checkpoints", "4", "data_labelled", "process_0-of-1.json")
-  with open(os.path.join(workdir, state_file)) as a, open(os.path.join(resumed_dir, state_file)) as b:
+  with open(os.path.join(workdir, state_file)) as a, \
+       open(os.path.join(resumed_dir, state_file)) as b:
     assert json.load(a) == json.load(b)
   # Running again on a finished workdir trains nothing more.
   again = train.train_and_evaluate(tiny_config(), resumed_dir)

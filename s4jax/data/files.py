@@ -246,7 +246,7 @@ class PairSource:
       return file_hw(self.describe(index))
     except DataError:
       if self._on_bad_example == "skip":
-        return 1, 1  # the batch reads a replacement; any small size pads correctly
+        return 1, 1  # pipeline._SKIPPED_HW: evaluation leaves the file out
       raise
 
   def _table_for(self, mask_path: str) -> np.ndarray:

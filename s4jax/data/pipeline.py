@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import signal
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
@@ -252,9 +253,18 @@ def make_train_iterator(
   iter_dataset = dataset.to_iter_dataset(_READ_OPTIONS)
   if num_workers > 0:
     iter_dataset = iter_dataset.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=int(num_workers))
+        grain.MultiprocessingOptions(num_workers=int(num_workers)),
+        worker_init_fn=_ignore_stop_signals,
     )
   return iter(iter_dataset)
+
+
+def _ignore_stop_signals(worker_index: int, worker_count: int) -> None:
+  """Grain workers leave Ctrl-C / SIGTERM to the main process, which finishes its step,
+  saves and stops them (otherwise each worker prints a KeyboardInterrupt traceback)."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
@@ -268,25 +278,21 @@ def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
   return math.ceil(num_examples / global_batch_size)
 
 
-def _round_up(value: int, multiple: int) -> int:
-  return -(-value // multiple) * multiple
-
-
 class EvalBatches:
-  """Re-iterable, ordered pass over a source in process-local batch slices.
+  """Re-iterable, ordered pass over a source in process-local batch slices, each global
+  batch holding images of **one size**, so nothing is ever padded spatially.
 
-  Global batch `g` holds examples `[g*G, (g+1)*G)`; process `p` yields rows
-  `[p*b, (p+1)*b)` of it, `b = G // process_count`. All rows of a global batch
-  are padded (bottom/right) to the largest height and width in that global
-  batch, rounded up to `pad_multiple`, so every process builds the same shape.
-  Rows past the end of the source are dummies: image 0, mask all 255.
+  Evaluating an image padded to a larger size changes what the network computes (the ASPP
+  image pooling averages over the padding, border convolutions see it instead of their zero
+  padding, the decoder's resize ratios change), so each image is evaluated at its own size,
+  as UniMatch does. Images are grouped by (height, width) in order of first appearance;
+  each group is cut into global batches of `global_batch_size`, the last one filled with
+  dummy rows (image 0, mask all 255) of the same size. The eval step compiles once per
+  distinct size (`num_shapes`) and reuses it at every later evaluation.
 
-  With `pad_to > 0` every batch is padded to `pad_to x pad_to` instead, so a
-  dataset of varying image sizes (VOC) gives one batch shape and the eval step
-  compiles once; an image larger than that is a DataError.
-
-  Sizes of other processes' rows come from `source.image_hw(index)` when the
-  source has it (cheap), else from reading the example.
+  Process `p` yields rows `[p*b, (p+1)*b)` of each global batch, `b = G // process_count`;
+  every process computes the same grouping from `source.image_hw(index)` when the source has
+  it (cheap, file headers), else from reading the examples once.
   """
 
   def __init__(
@@ -296,8 +302,6 @@ class EvalBatches:
       global_batch_size: int,
       process_index: int = 0,
       process_count: int = 1,
-      pad_multiple: int = 1,
-      pad_to: int = 0,
   ):
     _check_process(process_index, process_count)
     if global_batch_size <= 0:
@@ -309,81 +313,64 @@ class EvalBatches:
           f"global_batch_size ({global_batch_size}) must be divisible by"
           f" process_count ({process_count})."
       )
-    if pad_multiple < 1:
-      raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple}.")
-    if pad_to < 0:
-      raise ValueError(f"pad_to must be >= 0, got {pad_to}.")
     self._source = source
-    self._pad_to = int(pad_to)
     self._global_batch_size = int(global_batch_size)
     self._local_batch_size = self._global_batch_size // process_count
     self._process_index = int(process_index)
-    self._pad_multiple = int(pad_multiple)
-    self._num_batches = num_eval_batches(len(source), self._global_batch_size)
+    self._batches = None  # [(height, width, [global indices])], built on first use
 
   @property
   def local_batch_size(self) -> int:
     return self._local_batch_size
 
+  def _plan(self) -> list[tuple[int, int, list[int]]]:
+    if self._batches is None:
+      groups: dict[tuple[int, int], list[int]] = {}
+      for index in range(len(self._source)):
+        groups.setdefault(self._image_hw(index), []).append(index)
+      g = self._global_batch_size
+      self._batches = [(h, w, members[i:i + g]) for (h, w), members in groups.items()
+                       for i in range(0, len(members), g)]
+    return self._batches
+
+  @property
+  def num_shapes(self) -> int:
+    """Distinct image sizes, i.e. compiled shapes of the eval step."""
+    return len({(h, w) for h, w, _ in self._plan()})
+
   def __len__(self) -> int:
-    return self._num_batches
+    return len(self._plan())
 
   def _image_hw(self, index: int) -> tuple[int, int]:
     image_hw = getattr(self._source, "image_hw", None)
     if image_hw is not None:
-      return tuple(image_hw(index))
-    return self._source[index]["image"].shape[:2]
+      return tuple(int(v) for v in image_hw(index))
+    return tuple(self._source[index]["image"].shape[:2])
 
   def _local_batch(self, batch_index: int) -> dict[str, np.ndarray]:
-    num_examples = len(self._source)
-    start = batch_index * self._global_batch_size
-    global_rows = range(start, min(start + self._global_batch_size, num_examples))
-    local_start = start + self._process_index * self._local_batch_size
-    local_rows = range(local_start, local_start + self._local_batch_size)
-    local_examples = {
-        index: self._source[index] for index in local_rows if index < num_examples
-    }
-    sizes = [
-        local_examples[index]["image"].shape[:2]
-        if index in local_examples
-        else self._image_hw(index)
-        for index in global_rows
-    ]
-    height = _round_up(max(h for h, _ in sizes), self._pad_multiple)
-    width = _round_up(max(w for _, w in sizes), self._pad_multiple)
-    if self._pad_to:
-      for index, (h, w) in zip(global_rows, sizes):
-        if h > self._pad_to or w > self._pad_to:
-          describe = getattr(self._source, "describe", None)
-          name = describe(index) if describe is not None else f"example {index}"
-          raise DataError(
-              f"{name} is {h}x{w}, larger than eval.pad_to={self._pad_to}. Raise "
-              "--config.eval.pad_to to the largest validation image side (or 0 to pad "
-              "each batch to its own largest image).")
-      height = width = self._pad_to
-
-    images = np.full(
-        (self._local_batch_size, height, width, 3),
-        transforms.IMAGE_PAD_VALUE,
-        dtype=np.uint8,
-    )
-    masks = np.full(
-        (self._local_batch_size, height, width),
-        transforms.IGNORE_INDEX,
-        dtype=np.uint8,
-    )
-    for row, index in enumerate(local_rows):
-      example = local_examples.get(index)
-      if example is None:
-        continue  # A dummy row: nothing to score.
+    height, width, members = self._plan()[batch_index]
+    first = self._process_index * self._local_batch_size
+    local = members[first:first + self._local_batch_size]
+    images = np.full((self._local_batch_size, height, width, 3), transforms.IMAGE_PAD_VALUE,
+                     dtype=np.uint8)
+    masks = np.full((self._local_batch_size, height, width), transforms.IGNORE_INDEX,
+                    dtype=np.uint8)
+    for row, index in enumerate(local):
+      example = self._source[index]
       h, w = example["image"].shape[:2]
-      images[row, :h, :w] = example["image"]
-      masks[row, :h, :w] = example["mask"]
+      if (h, w) != (height, width) and (height, width) == _SKIPPED_HW:
+        continue  # a bad file skipped by the source (data.on_bad_example=skip): no score
+      if (h, w) != (height, width):
+        raise DataError(
+            f"{_describe(self._source, index)} decodes to {h}x{w}, but its file header "
+            f"says {height}x{width}; re-save the file (or set data.on_bad_example=skip).")
+      images[row] = example["image"]
+      masks[row] = example["mask"]
     return {"image": images, "mask": masks}
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     # A fresh grain pipeline per pass: ordered, with read-ahead threads.
-    dataset = grain.MapDataset.range(self._num_batches).map(self._local_batch)
+    dataset = grain.MapDataset.range(len(self)).map(self._local_batch)
     return iter(dataset.to_iter_dataset(_READ_OPTIONS))
 
   def __repr__(self) -> str:
@@ -391,9 +378,17 @@ class EvalBatches:
         f"EvalBatches(source={self._source!r},"
         f" global_batch_size={self._global_batch_size},"
         f" local_batch_size={self._local_batch_size},"
-        f" process_index={self._process_index},"
-        f" pad_multiple={self._pad_multiple}, pad_to={self._pad_to})"
+        f" process_index={self._process_index})"
     )
+
+
+# What a source's image_hw reports for an unreadable file it skips (data/files.py).
+_SKIPPED_HW = (1, 1)
+
+
+def _describe(source, index: int) -> str:
+  describe = getattr(source, "describe", None)
+  return describe(index) if describe is not None else f"example {index}"
 
 
 def make_eval_batches(
@@ -402,20 +397,15 @@ def make_eval_batches(
     global_batch_size: int,
     process_index: int = 0,
     process_count: int = 1,
-    pad_multiple: int = 1,
-    pad_to: int = 0,
 ) -> EvalBatches:
   """A re-iterable of this process's rows of each global evaluation batch.
 
-  See `EvalBatches`. Each pass yields `num_eval_batches(len(source),
-  global_batch_size)` dicts {"image": uint8[b, H, W, 3], "mask": uint8[b, H,
-  W]} with `b = global_batch_size // process_count`.
+  See `EvalBatches`. Each pass yields dicts {"image": uint8[b, H, W, 3], "mask": uint8[b,
+  H, W]} with `b = global_batch_size // process_count`, every image at its own size.
   """
   return EvalBatches(
       source,
       global_batch_size=global_batch_size,
       process_index=process_index,
       process_count=process_count,
-      pad_multiple=pad_multiple,
-      pad_to=pad_to,
   )

@@ -9,8 +9,9 @@ root. Nothing here needs TensorFlow: TFDS encodes images given as bytes or file 
 
 TFDS stores records in its own (hashed) order, so preparing also writes an index
 (`s4jax_<dataset>_index.json` in the TFDS directory): per split, in the dataset's standard
-order, each example's image path, mask path, size and record number. Split files are matched to records by image path through it, and
-`image_hw` reads sizes from it without decoding.
+order, each example's image path, mask path, size and record number. Split files are
+matched to records by image path through it, and `image_hw` reads sizes from it without
+decoding.
 """
 
 from __future__ import annotations

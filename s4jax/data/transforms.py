@@ -1,4 +1,4 @@
-"""Host-side weak geometric transforms (the "weak view" of METHODS.md §0).
+"""Host-side weak geometric transforms (the "weak view" of docs/methods.md §0).
 
 Random rescale of the longer side, padding up to the crop size, a random square
 crop and a horizontal flip, applied identically to an image and its label-like
@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-IGNORE_INDEX = 255
+from s4jax.labels import IGNORE_INDEX  # noqa: F401  (re-exported)
 IMAGE_PAD_VALUE = 0
 VALID_PAD_VALUE = 0
 

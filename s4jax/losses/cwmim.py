@@ -1,10 +1,10 @@
-"""Class-wise masked image modelling (`config.losses.cwmim`), METHODS.md §2.
+"""Class-wise masked image modelling (`config.losses.cwmim`), docs/methods.md §2.
 
 Reference: Li, Hao, Shang, Jiao, "Masked Image Modeling Boosting Semi-Supervised Semantic
 Segmentation", arXiv 2411.08756. Verified there: image regions are reconstructed
 independently per class; a feature aggregation loss pulls features of masked and visible
 parts of one class together; masked image modelling is also applied in the semantic space.
-Everything below the verified ideas is our design (METHODS.md §2 "our design"):
+Everything below the verified ideas is our design (docs/methods.md §2 "our design"):
 
 - Mask: a grid of `patch_size` patches, exactly round(mask_ratio * patches) of them masked
   per image (a random permutation); masked pixels are 0 in normalised space.
@@ -21,7 +21,7 @@ Everything below the verified ideas is our design (METHODS.md §2 "our design"):
   (stop-gradient), z_i = features of masked class-k cells, L_fa = mean (1 - cos(z_i, v_k))
   over all such cells of valid pairs.
 - Semantic-space MIM: the student's prediction on the whole masked weak image matches the
-  teacher's pseudo-label of the clean weak image, thresholded like L_s (METHODS.md §0).
+  teacher's pseudo-label of the clean weak image, thresholded like L_s (docs/methods.md §0).
 - Total: rec_weight * L_cwmim + fa_weight * L_fa + smim_weight * L_smim.
 
 The class-wise forwards multiply the encoder's batch by `classes_per_image` (on labelled
@@ -35,9 +35,10 @@ import jax.numpy as jnp
 from s4jax import config_schema
 from s4jax.losses import consistency
 from s4jax.losses import objective as objective_lib
+from s4jax.models import heads
 from s4jax.losses import recon
 
-IGNORE_INDEX = 255
+from s4jax.labels import IGNORE_INDEX
 
 
 def patch_mask(key, num_images: int, height: int, width: int, patch_size: int,
@@ -198,7 +199,7 @@ def _loss(ctx: objective_lib.StepContext, cfg, aux):
 
 
 def _heads(cfg):
-  return ("recon",) if cfg.rec_weight > 0 else ()
+  return (heads.HeadSpec("recon", "rgb"),) if cfg.rec_weight > 0 else ()
 
 
 def _validate(config):

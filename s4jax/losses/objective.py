@@ -1,4 +1,6 @@
-"""The auxiliary-objective plug-in interface (ARCHITECTURE.md, "The objective plug-in").
+"""The auxiliary-objective plug-in interface.
+
+See docs/architecture.md, "Auxiliary objectives (the plug-in)".
 
 The base method (`config.method`: supervised, FixMatch, UniMatch, UniMatch V2; see
 `step.py`) owns the student's forward passes, because their BatchNorm grouping is part of
@@ -11,7 +13,7 @@ its config block and its tests; nothing in the loop or the step.
 
 Extra forwards of objectives (`StepContext.student_apply`) run the student with BatchNorm in
 inference mode (running statistics, no update), our choice: (1) inputs such as class-wise
-masked images (METHODS.md §2) would otherwise couple through batch statistics, so one
+masked images (docs/methods.md §2) would otherwise couple through batch statistics, so one
 class's pixels would change another class's loss; (2) the running statistics used at
 evaluation stay those of natural images; (3) objectives need not thread BatchNorm state
 through each other. Gradients still reach every parameter the forward touches.
@@ -23,23 +25,18 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-import flax
 import jax
 import ml_collections
 
 from s4jax.losses import supervised
+from s4jax.methods import base
 
 
-@flax.struct.dataclass
-class StrongView:
-  """One strong view of the unlabelled batch as the base method saw it (a pytree)."""
-
-  image: jax.Array       # normalised student input [n, H, W, 3]
-  clean: jax.Array       # the clean weak image under the same CutMix, normalised
-  pseudo: jax.Array      # teacher labels int32 [n, H, W], CutMixed with the view
-  confidence: jax.Array  # teacher confidence float32 [n, H, W]
-  valid: jax.Array       # float32 [n, H, W]: 0 where the crop was padded
-  features: jax.Array | None  # student's fused stride-4 decoder features of `image`
+# A strong view as the base method saw it (defined with the methods, re-exported here for
+# objectives).
+StrongView = base.StrongView
+Targets = base.Targets
+Features = base.Features
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,9 +59,18 @@ class StepContext:
   labelled_features: jax.Array   # fused stride-4 decoder features of labelled_image
   weak_image: jax.Array | None = None    # normalised unlabelled weak view [n_u, H, W, 3]
   weak_valid: jax.Array | None = None    # float32 [n_u, H, W]
-  pseudo: jax.Array | None = None        # teacher labels of the weak view, int32
-  confidence: jax.Array | None = None    # teacher confidence of the weak view
+  pseudo: jax.Array | None = None        # training labels of the weak view, int32
+  confidence: jax.Array | None = None    # their confidence
   strong_views: tuple[StrongView, ...] = ()
+  # Named features of every pass group of the base method: "labelled", "weak" (methods
+  # with a train-mode weak pass), "strong1", "strong2" -> Features(low, high, fused).
+  features: dict = dataclasses.field(default_factory=dict)
+  targets: Targets | None = None         # the weak view's targets (with logits, weight)
+  teacher_variables: Any = None          # EMA teacher {"params", "batch_stats"}
+  feature_widths: dict = dataclasses.field(default_factory=dict)  # low/high/fused channels
+  # Heads applied in train mode record their new BatchNorm statistics here (the step merges
+  # them into the student's); a plain dict, filled while the loss is traced.
+  head_batch_stats: dict = dataclasses.field(default_factory=dict)
 
   @property
   def has_unlabelled(self) -> bool:
@@ -82,19 +88,73 @@ class StepContext:
     return self.model.apply({"params": self.params, "batch_stats": self.batch_stats}, images,
                             train=False, method=method, **kwargs)
 
-  def reconstruct(self, features, head: str) -> jax.Array:
-    """Auxiliary reconstruction head `head` on stride-4 features -> RGB at the crop size."""
+  def teacher_apply(self, images, *, method=None, **kwargs):
+    """A forward of the teacher, without gradient: the EMA teacher with `teacher.source =
+    "ema"`, the current student (stop-gradient) with "student"; inference mode."""
+    variables = self.teacher_variables
+    if self.config.teacher.source != "ema" or variables is None:
+      variables = {"params": self.params, "batch_stats": self.batch_stats}
+    variables = jax.lax.stop_gradient(variables)
+    out = self.model.apply(variables, images, train=False, method=method, **kwargs)
+    return jax.lax.stop_gradient(out)
+
+  def head(self, name: str, features, *, train: bool = False, teacher: bool = False):
+    """Auxiliary head `name` (declared by the objective) on `features`. `train=True` uses
+    batch statistics for its BatchNorm (if any) and records the updated running statistics;
+    `teacher=True` runs the teacher's copy of the head, without gradient."""
     size = self.labelled_image.shape[1:3]
-    return self.model.apply({"params": self.params}, features, size, head,
-                            method="reconstruct")
+    if teacher:
+      params = jax.lax.stop_gradient(
+          (self.teacher_variables or {"params": self.params})["params"])
+      stats = jax.lax.stop_gradient(
+          (self.teacher_variables or {"batch_stats": self.batch_stats})["batch_stats"])
+      return jax.lax.stop_gradient(self.model.apply(
+          {"params": params, "batch_stats": stats}, name, features, size, method="head"))
+    variables = {"params": self.params, "batch_stats": self.batch_stats}
+    if not train:
+      return self.model.apply(variables, name, features, size, method="head")
+    out, mutated = self.model.apply(variables, name, features, size, True, method="head",
+                                    mutable=["batch_stats"])
+    self.head_batch_stats.update(mutated.get("batch_stats", {}))
+    return out
+
+  def reconstruct(self, features, head: str) -> jax.Array:
+    """RGB head `head` on stride-4 features -> RGB at the crop size."""
+    return self.head(head, features)
 
 
 LossFn = Callable[[StepContext, ml_collections.ConfigDict, Any],
                   tuple[jax.Array, dict, Any]]
 
 
-def _no_aux(cfg, num_classes):
-  del cfg, num_classes
+@dataclasses.dataclass(frozen=True)
+class TargetContext:
+  """What a target hook may read: the weak view and its current targets (before the base
+  losses), the teacher, the objective's aux state, its own key."""
+
+  config: ml_collections.ConfigDict
+  model: Any
+  params: Any                  # student parameters (a hook's outputs carry no gradient)
+  batch_stats: Any
+  teacher_variables: Any
+  weak_image: jax.Array
+  weak_valid: jax.Array
+  targets: Targets
+  rng: jax.Array
+  step: jax.Array
+  num_classes: int
+
+  def teacher_apply(self, images, *, method=None, **kwargs):
+    ctx = StepContext(config=self.config, model=self.model, params=self.params,
+                      batch_stats=self.batch_stats, rng=self.rng, step=self.step,
+                      num_classes=self.num_classes, background_classes=(),
+                      labelled_image=self.weak_image, labelled_mask=None,
+                      labelled_features=None, teacher_variables=self.teacher_variables)
+    return ctx.teacher_apply(images, method=method, **kwargs)
+
+
+def _no_aux(cfg, num_classes, feature_widths):
+  del cfg, num_classes, feature_widths
   return {}
 
 
@@ -108,19 +168,29 @@ class Objective:
 
   Attributes:
     name: registry name and config block name.
-    heads: cfg -> names of the auxiliary model heads it needs (`segmenter.HEAD_TYPES`).
+    heads: cfg -> the `heads.HeadSpec`s of the auxiliary model heads it needs.
     loss: (context, cfg, aux state) -> (weighted loss, metrics, new aux state). Metric
       names are relative ("loss_rec"); the step prefixes "train/<name>/".
     validate: full config -> None; raises ConfigError naming the key at fault.
-    init_aux: (cfg, num_classes) -> initial aux state (non-trainable, kept in the state).
+    init_aux: (cfg, num_classes, feature_widths {"low", "high", "fused": channels}) ->
+      initial aux state (non-trainable, kept in the state and checkpointed).
+    targets: optional target hook (TargetContext, cfg, aux) -> (Targets, metrics): runs
+      before the base losses and may replace the weak view's pseudo-labels, confidences and
+      per-pixel weights (AuxSegNet's refined pseudo-labels, CSS's representation-space
+      labels); hooks compose in registry order. Metrics are logged as
+      "train/<name>/<metric>".
+    refine_eval: optional (model, variables, images normalised, logits [n, H, W, K], cfg) ->
+      logits: the prediction evaluation scores (AuxSegNet's refined segmentation).
     visualise: optional (model, variables, images normalised [n, H, W, 3], masks uint8
       [n, H, W], rng, cfg) -> {name: float images [n, R, H, W, 3] in normalised space};
       the loop shows them as rows of R panels beside the prediction grids.
   """
 
   name: str
-  heads: Callable[[ml_collections.ConfigDict], tuple[str, ...]]
+  heads: Callable[[ml_collections.ConfigDict], tuple]
   loss: LossFn
   validate: Callable[[ml_collections.ConfigDict], None] = _no_check
-  init_aux: Callable[[ml_collections.ConfigDict, int], Any] = _no_aux
+  init_aux: Callable[[ml_collections.ConfigDict, int, dict], Any] = _no_aux
+  targets: Callable[..., tuple] | None = None
+  refine_eval: Callable[..., jax.Array] | None = None
   visualise: Callable[..., dict] | None = None

@@ -1,4 +1,4 @@
-"""Image reconstruction as an auxiliary task (`config.losses.recon`), METHODS.md §1.
+"""Image reconstruction as an auxiliary task (`config.losses.recon`), docs/methods.md §1.
 
 Reference: Lin et al., "Revisiting Image Reconstruction for Semi-supervised Semantic
 Segmentation", DICTA 2023, arXiv 2303.09794 (no public code). The head and the losses are
@@ -20,7 +20,9 @@ weight of the labelled images does not shrink with the number of unlabelled view
 import jax.numpy as jnp
 
 from s4jax import config_schema
+from s4jax.labels import IGNORE_INDEX
 from s4jax.losses import objective as objective_lib
+from s4jax.models import heads
 
 NORMS = ("l1", "l2")
 
@@ -58,7 +60,7 @@ def split_reconstruction_loss(prediction_fg, prediction_bg, target, object_mask,
 def object_mask(labels, background_classes, confident=None):
   """1 where `labels` is an object class (not background, not 255) [and confident]."""
   labels = labels.astype(jnp.int32)
-  is_object = labels != 255
+  is_object = labels != IGNORE_INDEX
   for c in background_classes:
     is_object &= labels != int(c)
   if confident is not None:
@@ -66,8 +68,12 @@ def object_mask(labels, background_classes, confident=None):
   return is_object
 
 
-def _heads(cfg):
+def _head_names(cfg):
   return ("recon_fg", "recon_bg") if cfg.split_foreground else ("recon",)
+
+
+def _heads(cfg):
+  return tuple(heads.HeadSpec(name, "rgb") for name in _head_names(cfg))
 
 
 def _background(ctx, cfg):
@@ -126,7 +132,7 @@ def _visualise(model, variables, images, masks, rng, cfg):
   features = model.apply(variables, images, train=False)["features"]
   size = images.shape[1:3]
   panels = [images] + [model.apply({"params": variables["params"]}, features, size, head,
-                                   method="reconstruct") for head in _heads(cfg)]
+                                   method="reconstruct") for head in _head_names(cfg)]
   return {"reconstruction": jnp.stack(panels, axis=1)}
 
 

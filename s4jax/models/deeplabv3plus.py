@@ -111,9 +111,11 @@ class ASPP(nn.Module):
     y = jnp.concatenate(branches, axis=-1)
     y = ConvBNReLU(self.channels, 1, dtype=self.dtype, name="project")(
         y, train)
-    # UniMatch uses Dropout(0.5) here; off by default (a nonzero rate needs a
-    # "dropout" rng in training).
-    return nn.Dropout(self.dropout_rate)(y, deterministic=not train)
+    # UniMatch's projection is conv + BN + ReLU with no dropout; this optional
+    # regulariser (off by default) drops whole channels per example (Dropout2d),
+    # and a nonzero rate needs a "dropout" rng in training.
+    return nn.Dropout(self.dropout_rate, broadcast_dims=(1, 2))(
+        y, deterministic=not train)
 
 
 class _Fuse(nn.Module):
@@ -141,8 +143,8 @@ class DeepLabV3PlusDecoder(nn.Module):
     low_level_channels: channels of the 1x1 projection of the stride-4
       features (48 in DeepLabV3+).
     decoder_channels: channels of the two fuse convs.
-    dropout_rate: dropout after the ASPP projection (UniMatch: 0.5). Default
-      0, which needs no rng.
+    dropout_rate: channel dropout after the ASPP projection, an optional
+      regulariser that UniMatch does not have. Default 0, which needs no rng.
     dtype: compute dtype; parameters are float32.
   """
 

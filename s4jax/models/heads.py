@@ -1,24 +1,59 @@
-"""Auxiliary heads that objectives ask the segmenter for (see `s4jax/objectives/`).
+"""Auxiliary heads that objectives ask the segmenter for (docs/methods.md).
 
-`ReconstructionHead` is the light image decoder `D_rec` of METHODS.md §1 (our design): it
-reads the decoder's fused stride-4 feature map and predicts the RGB image, in the
-normalised space the network sees, at the input resolution.
+An objective declares each head it needs as a `HeadSpec` (a name, a kind from `HEAD_KINDS`,
+an output width and which features it reads); the segmenter builds one module per name,
+with parameters under `params["head_<name>"]`, and applies it by name
+(`Segmenter.head`). Kinds:
+- "rgb": `ReconstructionHead`, the light image decoder `D_rec` of §1 (our design): the
+  image in the normalised space the network sees, at the input resolution;
+- "projection": `ProjectionHead`, 3x3 conv + BN + ReLU + 1x1 conv to `channels` (CSS's
+  representation head; Mix-and-Match's embedding);
+- "image_classifier": `ImageClassifierHead`, global average pooling, dropout, 1x1 conv to
+  `channels` logits (AuxSegNet's multi-label classifier);
+- "dense": `DenseHead`, 3x3 conv + ReLU + 1x1 conv to `channels` maps at the input's
+  stride (e.g. a 1-channel saliency map).
 """
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from s4jax.models import resnet
 from s4jax.models.resnet import conv_kernel_init
+
+FEATURE_SOURCES = ("fused", "low", "high")
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadSpec:
+  """A head an objective needs.
+
+  Attributes:
+    name: unique among the enabled objectives' heads; parameters live under
+      `params["head_<name>"]`.
+    kind: one of `HEAD_KINDS`.
+    channels: output width (RGB heads: the first conv's width; 0 = half the decoder's).
+    source: the features it reads at `init`: "fused" (decoder, stride 4), "low" (encoder,
+      stride 4) or "high" (encoder, stride OS). Objectives pass the matching features when
+      they apply it.
+    dropout: dropout rate before the classifier ("image_classifier" only).
+  """
+
+  name: str
+  kind: str
+  channels: int = 0
+  source: str = "fused"
+  dropout: float = 0.0
 
 
 class ReconstructionHead(nn.Module):
   """3x3 conv + ReLU, then two rounds of (2x bilinear upsampling, 3x3 conv + ReLU), 1x1 to RGB.
 
   No BatchNorm: the head is also run on class-wise inputs whose statistics have nothing to
-  do with natural images (METHODS.md §2), and it should not own running statistics that
+  do with natural images (docs/methods.md §2), and it should not own running statistics that
   evaluation would have to trust.
 
   Attributes:
@@ -49,3 +84,74 @@ class ReconstructionHead(nn.Module):
     if rgb.shape[1:3] != tuple(size):
       rgb = jax.image.resize(rgb, (rgb.shape[0], *size, 3), method="bilinear")
     return rgb
+
+
+def _conv(width, kernel, dtype, name, use_bias=True):
+  return nn.Conv(width, (kernel, kernel), padding="SAME", use_bias=use_bias, dtype=dtype,
+                 param_dtype=jnp.float32, kernel_init=conv_kernel_init, name=name)
+
+
+class ProjectionHead(nn.Module):
+  """3x3 conv + BatchNorm + ReLU, then a 1x1 conv to `channels` (float32 output)."""
+
+  channels: int
+  hidden: int = 256
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: jax.Array, train: bool = False) -> jax.Array:
+    x = _conv(self.hidden, 3, self.dtype, "conv0", use_bias=False)(features.astype(self.dtype))
+    x = nn.relu(resnet.batch_norm(train, self.dtype, "bn0")(x))
+    return _conv(self.channels, 1, self.dtype, "conv1")(x).astype(jnp.float32)
+
+
+class ImageClassifierHead(nn.Module):
+  """Global average pooling, dropout, 1x1 conv: image-level logits [N, channels]."""
+
+  channels: int
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: jax.Array, train: bool = False) -> jax.Array:
+    pooled = jnp.mean(features.astype(jnp.float32), axis=(1, 2), keepdims=True)
+    pooled = nn.Dropout(self.dropout)(pooled, deterministic=not train or self.dropout == 0)
+    logits = _conv(self.channels, 1, self.dtype, "classifier")(pooled.astype(self.dtype))
+    return logits[:, 0, 0, :].astype(jnp.float32)
+
+
+class DenseHead(nn.Module):
+  """3x3 conv + ReLU, 1x1 conv to `channels` maps at the input's stride (float32)."""
+
+  channels: int = 1
+  hidden: int = 64
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: jax.Array, train: bool = False) -> jax.Array:
+    del train
+    x = nn.relu(_conv(self.hidden, 3, self.dtype, "conv0")(features.astype(self.dtype)))
+    return _conv(self.channels, 1, self.dtype, "conv1")(x).astype(jnp.float32)
+
+
+HEAD_KINDS = ("rgb", "projection", "image_classifier", "dense")
+
+
+def build_head(spec: HeadSpec, decoder_channels: int, dtype) -> nn.Module:
+  """The module for `spec` (named `head_<name>`)."""
+  name = f"head_{spec.name}"
+  if spec.kind == "rgb":
+    # Half the decoder's width by default: light next to the decoder.
+    return ReconstructionHead(channels=spec.channels or max(decoder_channels // 2, 16),
+                              dtype=dtype, name=name)
+  if spec.kind == "projection":
+    return ProjectionHead(channels=spec.channels, hidden=decoder_channels, dtype=dtype,
+                          name=name)
+  if spec.kind == "image_classifier":
+    return ImageClassifierHead(channels=spec.channels, dropout=spec.dropout, dtype=dtype,
+                               name=name)
+  if spec.kind == "dense":
+    return DenseHead(channels=spec.channels or 1, hidden=max(decoder_channels // 4, 16),
+                     dtype=dtype, name=name)
+  raise ValueError(f"Unknown head kind {spec.kind!r} of head {spec.name!r}; known: "
+                   f"{HEAD_KINDS}.")

@@ -36,7 +36,6 @@ pads asymmetrically for strided convs on even inputs and imported torch
 weights would then see shifted inputs.
 """
 
-from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -117,12 +116,13 @@ def _conv(
   )
 
 
-def batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
-  # Flax momentum is the weight of the old statistics: 0.9 == torch's 0.1.
+def batch_norm(train: bool, dtype: Any, name: str, epsilon: float = 1e-5) -> nn.BatchNorm:
+  # Flax momentum is the weight of the old statistics: 0.9 == torch's 0.1. The epsilon is
+  # the source network's (1e-5 in torch's BatchNorm2d; TF-trained networks use 1e-3).
   return nn.BatchNorm(
       use_running_average=not train,
       momentum=0.9,
-      epsilon=1e-5,
+      epsilon=epsilon,
       dtype=dtype,
       param_dtype=jnp.float32,
       name=name,
@@ -274,12 +274,3 @@ class ResNet(nn.Module):
         in_channels = out_channels
       features[f"layer{stage + 1}"] = x
     return features
-
-
-def stage_strides(output_stride: int) -> Sequence[int]:
-  """Nominal strides of (stem, layer1, ..., layer4) at an output stride."""
-  if output_stride not in OUTPUT_STRIDES:
-    raise ValueError(
-        f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride!r}."
-    )
-  return (2, 4, 8, min(16, output_stride), output_stride)

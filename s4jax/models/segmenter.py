@@ -11,12 +11,13 @@ encoder features before decoding::
 
 With ``train=True`` pass ``mutable=["batch_stats"]`` as usual.
 
-Auxiliary heads (e.g. image reconstruction) are built when an objective asks for them
-(``aux_heads``, names from ``HEAD_TYPES``); their parameters live under
+Auxiliary heads (image reconstruction, projections, classifiers, dense maps) are built when
+an objective asks for them (``aux_heads``: ``heads.HeadSpec`` records); their parameters
+live under
 ``params["head_<name>"]`` (so the optimizer treats them as head parameters) and are created
 at ``init`` even though ``__call__`` does not use them::
 
-  rgb = model.apply(variables, features, size, "recon", method="reconstruct")
+  rgb = model.apply(variables, "recon", features, size, method="head")
 """
 
 from typing import Any
@@ -26,31 +27,38 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from s4jax.errors import ConfigError
 from s4jax.models.deeplabv3plus import DeepLabV3PlusDecoder
 from s4jax.models.deeplabv3plus import aspp_rates_for_output_stride
-from s4jax.models.heads import ReconstructionHead
+from s4jax.models import efficientnet_lite
+from s4jax.models import mobilenet_v2
+from s4jax.models import heads as heads_lib
 from s4jax.models.resnet import OUTPUT_STRIDES
 from s4jax.models.resnet import ResNet
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+BACKBONES = RESNETS + ("mobilenet_v2", "efficientnet_lite0")
+# Output strides each backbone reaches by dilating its last stages (all three today; the
+# MobileNets' strided blocks fall at strides 4, 8, 16 and 32 like the ResNet stages).
+BACKBONE_OUTPUT_STRIDES = {
+    **{name: OUTPUT_STRIDES for name in RESNETS},
+    "mobilenet_v2": mobilenet_v2.OUTPUT_STRIDES,
+    "efficientnet_lite0": efficientnet_lite.OUTPUT_STRIDES,
+}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Auxiliary head name -> module class. Every head maps decoder features to an output.
-HEAD_TYPES = {
-    "recon": ReconstructionHead,      # METHODS.md §1 and §2: D_rec
-    "recon_fg": ReconstructionHead,   # §1 object/background variant: D_fg
-    "recon_bg": ReconstructionHead,   # and D_bg
-}
 
 
 def validate_model_args(backbone: str, output_stride: int) -> None:
-  """Raises a ValueError naming the config field if an argument is invalid."""
+  """Raises a ConfigError (a ValueError) naming the config field if an argument is invalid."""
   if backbone not in BACKBONES:
-    raise ValueError(
+    raise ConfigError(
         f"model.backbone must be one of {BACKBONES}, got {backbone!r}."
     )
-  if output_stride not in OUTPUT_STRIDES:
-    raise ValueError(
-        f"model.output_stride must be one of {OUTPUT_STRIDES}, "
+  strides = BACKBONE_OUTPUT_STRIDES[backbone]
+  if output_stride not in strides:
+    raise ConfigError(
+        f"model.output_stride must be one of {strides} for {backbone}, "
         f"got {output_stride!r}."
     )
 
@@ -79,14 +87,15 @@ class Segmenter(nn.Module):
     backbone: one of ``BACKBONES``.
     output_stride: backbone output stride, 8, 16 or 32. The ASPP rates follow
       it ((12, 24, 36), (6, 12, 18), (3, 6, 9)).
-    deep_stem: three 3x3 convs instead of the 7x7 stem (UniMatch backbones).
-    width: backbone base channels (64 in the real networks).
+    deep_stem: three 3x3 convs instead of the 7x7 stem (UniMatch backbones); ResNet only.
+    width: backbone base channels (64 in the real networks); ResNet only.
     aspp_channels: ASPP branch/projection channels.
     decoder_channels: fuse conv channels.
-    aspp_dropout: dropout after the ASPP projection (UniMatch uses 0.5); a
+    aspp_dropout: channel dropout after the ASPP projection, an optional
+      regulariser (UniMatch's decoder has none, so the configs keep 0); a
       nonzero rate needs a "dropout" rng when ``train=True``.
     dtype: compute dtype; parameters and output logits are float32.
-    aux_heads: names (keys of ``HEAD_TYPES``) of the auxiliary heads to build.
+    aux_heads: ``heads.HeadSpec`` of every auxiliary head to build (unique names).
   """
 
   num_classes: int
@@ -98,20 +107,26 @@ class Segmenter(nn.Module):
   decoder_channels: int = 256
   aspp_dropout: float = 0.0
   dtype: Any = jnp.float32
-  aux_heads: tuple[str, ...] = ()
+  aux_heads: tuple[heads_lib.HeadSpec, ...] = ()
 
   def setup(self):
     validate_model_args(self.backbone, self.output_stride)
     # Attribute names differ from the field `backbone`; the explicit names
     # fix the top-level parameter collections.
-    self.backbone_net = ResNet(
-        depth=int(self.backbone.removeprefix("resnet")),
-        output_stride=self.output_stride,
-        deep_stem=self.deep_stem,
-        width=self.width,
-        dtype=self.dtype,
-        name="backbone",
-    )
+    if self.backbone in RESNETS:
+      self.backbone_net = ResNet(
+          depth=int(self.backbone.removeprefix("resnet")),
+          output_stride=self.output_stride,
+          deep_stem=self.deep_stem,
+          width=self.width,
+          dtype=self.dtype,
+          name="backbone",
+      )
+    else:  # fixed-width ImageNet networks: `width` and `deep_stem` do not apply
+      network = {"mobilenet_v2": mobilenet_v2.MobileNetV2,
+                 "efficientnet_lite0": efficientnet_lite.EfficientNetLite0}[self.backbone]
+      self.backbone_net = network(output_stride=self.output_stride, dtype=self.dtype,
+                                  name="backbone")
     self.decoder = DeepLabV3PlusDecoder(
         num_classes=self.num_classes,
         atrous_rates=aspp_rates_for_output_stride(self.output_stride),
@@ -121,19 +136,16 @@ class Segmenter(nn.Module):
         dtype=self.dtype,
         name="decoder",
     )
-    unknown = sorted(set(self.aux_heads) - set(HEAD_TYPES))
-    if unknown:
-      raise ValueError(f"Unknown auxiliary heads {unknown}; known: {sorted(HEAD_TYPES)}.")
-    # Half the decoder's width: the heads are meant to be light next to the decoder.
-    head_channels = max(self.decoder_channels // 2, 16)
-    self.heads = {name: HEAD_TYPES[name](channels=head_channels, dtype=self.dtype,
-                                         name=f"head_{name}")
-                  for name in self.aux_heads}
+    self.heads = {spec.name: heads_lib.build_head(spec, self.decoder_channels, self.dtype)
+                  for spec in self.aux_heads}
 
   def encode(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
-    """Returns the (layer1 stride-4, layer4 stride-OS) backbone features."""
+    """Returns the (stride-4, stride-OS) backbone features: ResNet layer1 and layer4,
+    MobileNetV2 blocks 3 and 17, EfficientNet-Lite0 blocks 2 and 15 (24 and 320 channels)."""
     features = self.backbone_net(x, train)
-    return features["layer1"], features["layer4"]
+    if self.backbone in RESNETS:
+      return features["layer1"], features["layer4"]
+    return features["low"], features["high"]
 
   def decode(
       self, low: jax.Array, high: jax.Array, train: bool
@@ -159,29 +171,39 @@ class Segmenter(nn.Module):
 
     Returns:
       ``{"logits": float32 [N, H, W, K] (bilinearly upsampled),
-      "logits_stride4": float32 [N, H/4, W/4, K],
-      "features": [N, H/4, W/4, decoder_channels]}``.
+      "features": [N, H/4, W/4, decoder_channels] fused decoder features,
+      "low", "high": the encoder's stride-4 and stride-OS features}``.
     """
     low, high = self.encode(x, train)
     out = self.decode(low, high, train)
     if self.is_initializing():
-      for name in self.aux_heads:  # create their parameters; the result is not needed
-        self.reconstruct(out["features"], x.shape[1:3], name)
+      sources = {"fused": out["features"], "low": low, "high": high}
+      for spec in self.aux_heads:  # create their parameters; the result is not needed
+        self.head(spec.name, sources[spec.source], x.shape[1:3])
     return {
         "logits": upsample_logits(out["logits"], x.shape[1:3]),
-        "logits_stride4": out["logits"],
         "features": out["features"],
+        "low": low,
+        "high": high,
     }
 
+  def head(self, name: str, features: jax.Array, size: tuple[int, int] | None = None,
+           train: bool = False) -> jax.Array:
+    """Auxiliary head `name` on `features`. RGB heads need `size` (the input's H, W) and
+    return float32 [N, *size, 3]; the other kinds ignore it (heads.py)."""
+    module = self.heads[name]
+    if isinstance(module, heads_lib.ReconstructionHead):
+      return module(features, tuple(size))
+    return module(features, train)
 
   def reconstruct(self, features: jax.Array, size: tuple[int, int], head: str) -> jax.Array:
-    """Runs auxiliary head `head` on stride-4 decoder features; float32 [N, *size, 3]."""
-    return self.heads[head](features, tuple(size))
+    """RGB head `head` on stride-4 decoder features; float32 [N, *size, 3]."""
+    return self.head(head, features, size)
 
 
 def build_segmenter(
     model_config: ml_collections.ConfigDict, num_classes: int,
-    aux_heads: tuple[str, ...] = ()
+    aux_heads: tuple = ()
 ) -> Segmenter:
   """Builds a Segmenter from the ``model`` section of the config.
 
@@ -207,5 +229,16 @@ def build_segmenter(
       decoder_channels=int(model_config.decoder_channels),
       aspp_dropout=float(model_config.get("aspp_dropout", 0.0)),
       dtype=parse_dtype(model_config.dtype),
-      aux_heads=tuple(sorted(aux_heads)),
+      aux_heads=tuple(sorted(aux_heads, key=lambda spec: spec.name)),
   )
+
+
+def feature_widths(model: Segmenter) -> dict[str, int]:
+  """Channels of the named features objectives read: {"low", "high", "fused"} (from shapes
+  alone; nothing is computed)."""
+  x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+  plain = model.clone(aux_heads=())
+  out = jax.eval_shape(lambda x: plain.init_with_output(jax.random.key(0), x, train=False)[0],
+                       x)
+  return {"low": out["low"].shape[-1], "high": out["high"].shape[-1],
+          "fused": out["features"].shape[-1]}
