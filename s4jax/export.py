@@ -25,7 +25,6 @@ import jax
 import ml_collections
 import numpy as np
 
-from s4jax import config_schema
 from s4jax import viz
 from s4jax import workdir as workdir_lib
 from s4jax.errors import ConfigError, DataError, UserInputError
@@ -157,21 +156,8 @@ def save(bundle: ModelBundle, out: str) -> None:
 
 
 def config_from_dict(values: dict, origin: str) -> ml_collections.ConfigDict:
-  """The typed config (defaults overlaid with `values`), as `workdir.recorded_config` does."""
-  config = config_schema.default_config()
-
-  def overlay(target, values, prefix):
-    for key, value in values.items():
-      if key not in target:
-        raise UserInputError(f"{origin}: {prefix}{key} is not a config key of this version of "
-                             "s4jax (a file from a newer version?).")
-      if isinstance(value, dict):
-        overlay(target[key], value, f"{prefix}{key}.")
-      else:
-        target[key] = tuple(value) if isinstance(target[key], tuple) else value
-
-  overlay(config, values, "")
-  return config
+  """The typed config of a model file (`workdir.config_from_dict`, UserInputError)."""
+  return workdir_lib.config_from_dict(values, origin, UserInputError)
 
 
 def load(path: str) -> ModelBundle:

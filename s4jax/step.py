@@ -114,7 +114,7 @@ def train_step(state, batch, *, model, tx, config, mesh, background_classes=(0,)
   objectives = registry.enabled(config)
   objective_keys = jax.random.split(k_objectives, max(len(objectives), 1))
   hook_keys = jax.random.split(jax.random.fold_in(k_objectives, 1), max(len(objectives), 1))
-  widths = segmenter.feature_widths(model)
+  widths = segmenter.feature_widths(model) if objectives else {}  # shapes only, at trace time
 
   x_l, y_l = augment.normalize_uint8(batch["image"]), batch["mask"]
   u_unit = valid = teacher_logits = None

@@ -53,14 +53,19 @@ def recorded_config(workdir: str) -> ml_collections.ConfigDict:
       values = json.load(f)
     except json.JSONDecodeError as e:
       raise WorkdirConflictError(f"{path} is not valid JSON ({e}).") from None
+  return config_from_dict(values, path, WorkdirConflictError)
+
+
+def config_from_dict(values: dict, origin: str, error=WorkdirConflictError):
+  """The typed config: the defaults overlaid with `values` (a config as JSON); `error`
+  (naming `origin`) for a key this version of s4jax does not have."""
   config = config_schema.default_config()
 
   def overlay(target, values, prefix):
     for key, value in values.items():
       if key not in target:
-        raise WorkdirConflictError(
-            f"{path}: {prefix}{key} is not a config key of this version of s4jax (a run "
-            "from an older version?).")
+        raise error(f"{origin}: {prefix}{key} is not a config key of this version of s4jax "
+                    "(written by another version?).")
       if isinstance(value, dict):
         overlay(target[key], value, f"{prefix}{key}.")
       else:
