@@ -13,9 +13,10 @@ import ml_collections
 
 from s4jax import methods
 from s4jax.errors import ConfigError  # noqa: F401  (re-exported: configs catch it here)
-
-from s4jax.models.resnet import OUTPUT_STRIDES
-from s4jax.models.segmenter import BACKBONES
+from s4jax.errors import require
+from s4jax.losses import registry
+from s4jax.models.names import BACKBONE_OUTPUT_STRIDES
+from s4jax.models.names import BACKBONES
 
 DATASETS = ("shapes", "voc", "cityscapes", "folder")
 DATA_SOURCES = ("folder", "tfds")
@@ -180,28 +181,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.losses.supervised = "ce"
   c.losses.ohem_threshold = 0.7
   c.losses.ohem_min_kept = 200000
-  # Image reconstruction from the decoder features (docs/methods.md §1).
-  c.losses.recon = ml_collections.ConfigDict()
-  c.losses.recon.enabled = False
-  c.losses.recon.weight = 1.0
-  c.losses.recon.norm = "l1"              # "l1" | "l2"
-  c.losses.recon.on_labelled = True       # reconstruct the labelled images
-  c.losses.recon.on_strong = True         # and the unlabelled strong views (semi methods)
-  # Object/background variant: two heads, each region's error normalised by its own size.
-  c.losses.recon.split_foreground = False
-  # Classes that count as background for the split; empty = the dataset's own.
-  c.losses.recon.background_classes = ()
-  # Class-wise masked image modelling (docs/methods.md §2; the flagship objective).
-  c.losses.cwmim = ml_collections.ConfigDict()
-  c.losses.cwmim.enabled = False
-  c.losses.cwmim.patch_size = 16          # side of the masked patches, in crop pixels
-  c.losses.cwmim.mask_ratio = 0.5         # share of the patches masked per image
-  c.losses.cwmim.classes_per_image = 2    # class-images per image (static; x encoder batch)
-  c.losses.cwmim.on_unlabelled = True     # class-wise inputs from unlabelled images too
-  c.losses.cwmim.norm = "l1"              # "l1" | "l2"
-  c.losses.cwmim.rec_weight = 1.0         # class-wise reconstruction
-  c.losses.cwmim.fa_weight = 0.1          # feature aggregation
-  c.losses.cwmim.smim_weight = 0.5        # semantic-space masked image modelling
+  # One block per objective, `config.losses.<name>`, defined in s4jax/losses/<name>_config.py.
+  for name, block in registry.config_blocks().items():
+    c.losses[name] = block
 
   c.teacher = ml_collections.ConfigDict()
   # EMA decay d of the teacher: d_t = min(1 - 1/(t+1), d). 0 = the teacher is the student.
@@ -227,14 +209,6 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def require(condition: bool, key: str, value, expected: str) -> None:
-  """Raises ConfigError naming `config.<key>` and what it should be unless `condition`."""
-  if not condition:
-    raise ConfigError(
-        f"config.{key}={value!r} is not valid: expected {expected}. "
-        f"Fix it in the config file or override it with --config.{key}=...")
-
-
 _require = require
 
 
@@ -243,8 +217,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   """Raises ConfigError for the first value that cannot work."""
   m, d, o, e = config.model, config.data, config.optim, config.eval
   _require(m.backbone in BACKBONES, "model.backbone", m.backbone, f"one of {BACKBONES}")
-  _require(m.output_stride in OUTPUT_STRIDES, "model.output_stride", m.output_stride,
-           f"one of {OUTPUT_STRIDES}")
+  if m.backbone in BACKBONES:
+    strides = BACKBONE_OUTPUT_STRIDES[m.backbone]
+    _require(m.output_stride in strides, "model.output_stride", m.output_stride,
+             f"one of {strides} for {m.backbone}")
   _require(0 <= m.aspp_dropout < 1, "model.aspp_dropout", m.aspp_dropout, "a number in [0, 1)")
   _require(m.dtype in COMPUTE_DTYPES, "model.dtype", m.dtype, f"one of {COMPUTE_DTYPES}")
   for key in ("width", "aspp_channels", "decoder_channels"):
@@ -353,10 +329,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
            lc.ohem_min_kept, "an integer >= 0")
   _require(e.window >= 0 and e.stride >= 0, "eval.window/eval.stride", (e.window, e.stride),
            "sizes >= 0 (0 = derived from data.crop_size)")
-
-
-  # Objectives check their own blocks (imported here: they import this module).
-  from s4jax.losses import registry  # pylint: disable=g-import-not-at-top
+  # Objectives check their own blocks.
   registry.validate(config)
 
 

@@ -46,3 +46,11 @@ class Stopped(Exception):
   def __init__(self, message: str, exit_code: int):
     super().__init__(message)
     self.exit_code = exit_code
+
+
+def require(condition: bool, key: str, value, expected: str) -> None:
+  """Raises ConfigError naming `config.<key>` and what it should be unless `condition`."""
+  if not condition:
+    raise ConfigError(
+        f"config.{key}={value!r} is not valid: expected {expected}. "
+        f"Fix it in the config file or override it with --config.{key}=...")

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from clu import parameter_overview
 from jax.experimental import multihost_utils
 
 from s4jax import augment
@@ -133,6 +134,22 @@ class Run:
     start that fails leaves none (the corrected command is then not "a different run")."""
     if self.is_writer:
       workdir_lib.record(self.workdir, self.config)
+
+  def record_parameters(self, state) -> None:
+    """Writes <workdir>/parameters.txt, a table of the student's parameters (module path,
+    shape, dtype, count; clu.parameter_overview, as big_vision logs it) and logs the total."""
+    params = jax.eval_shape(lambda p: p, state.params)
+    count = parameter_overview.count_parameters(params)
+    logging.info("The student has %s parameters (table: %s).", f"{count:,}",
+                 os.path.join(self.workdir, "parameters.txt"))
+    if self.is_writer:
+      table = parameter_overview.get_parameter_overview(params, include_stats=False)
+      with open(os.path.join(self.workdir, "parameters.txt"), "w") as f:
+        f.write(table + "\n")
+      # TensorBoard's Text tab: what was trained, beside its curves (markdown code blocks).
+      step = int(jax.device_get(state.step))
+      self.writer.write_text(step, "config", "```\n" + str(self.config) + "\n```")
+      self.writer.write_text(step, "parameters", "```\n" + table + "\n```")
 
   def check_files(self) -> None:
     """`data.check_files`: every example of the training and validation sets read once."""
@@ -272,15 +289,8 @@ class Run:
                             ("teacher", state.teacher_variables()))}
     images = multihost_utils.process_allgather(batch["image"], tiled=True)
     masks = multihost_utils.process_allgather(batch["mask"], tiled=True)
-    palette = viz.make_palette(self.data.num_classes)
-    rows = []
-    for i in range(min(count, images.shape[0])):
-      if np.all(masks[i] == 255):
-        break  # dummy padding rows of a short last batch
-      rows.append([images[i], viz.colorize(masks[i], palette),
-                   viz.colorize(preds["student"][i], palette),
-                   viz.colorize(preds["teacher"][i], palette)])
-    return viz.image_grid(rows) if rows else None
+    return viz.prediction_grid(images, masks, [preds["student"], preds["teacher"]],
+                               viz.make_palette(self.data.num_classes), max_rows=count)
 
   def objective_grids(self, state, batch, step: int) -> dict[str, np.ndarray]:
     """Each enabled objective's own pictures (e.g. input | masked input | reconstruction) of
@@ -446,6 +456,7 @@ def _train(run, signals, stop_after) -> dict:
   start_step = int(jax.device_get(state.step))
   run.writer.resume_from(start_step)
   run.record_config()
+  run.record_parameters(state)
   total = config.total_steps if stop_after is None else min(stop_after, config.total_steps)
   if start_step:
     logging.info("Resuming %s from step %d.", workdir, start_step)

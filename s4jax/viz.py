@@ -125,41 +125,45 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], separator: int = 2) -> np.n
 def prediction_grid(
     images,
     labels,
-    predictions,
+    predictions: Sequence,
     palette: np.ndarray,
     *,
     max_rows: int = 8,
     separator: int = 2,
-) -> np.ndarray:
-  """One row per example: image | ground truth | prediction.
+) -> np.ndarray | None:
+  """One row per example: image | ground truth | each prediction (e.g. student, teacher).
 
   Args:
     images: uint8 [N, H, W, 3].
     labels: integer [N, H, W] (or [N, H, W, 1]) class indices, 255 = ignore.
-    predictions: integer [N, H, W] (or [N, H, W, 1]) predicted classes.
+    predictions: a sequence of integer [N, H, W] (or [N, H, W, 1]) predicted classes.
     palette: uint8 [256, 3] from `make_palette`.
     max_rows: Only the first `max_rows` examples are drawn.
     separator: Pixels between panels and rows.
 
+  Rows stop at the first example whose labels are all 255: the dummy padding of a short
+  evaluation batch. Returns None when no row is left.
+
   Returns:
-    uint8 [n * H + (n - 1) * separator, 3 * W + 2 * separator, 3] with
-    n = min(N, max_rows) (for equal-sized inputs; see `image_grid`).
+    uint8 [n * H + (n - 1) * separator, (2 + P) * W + (1 + P) * separator, 3] with
+    n = min(N, max_rows) and P predictions (for equal-sized inputs; see `image_grid`).
   """
   images = np.asarray(images)
   labels = np.asarray(labels)
-  predictions = np.asarray(predictions)
-  if not len(images) == len(labels) == len(predictions):
+  predictions = [np.asarray(p) for p in predictions]
+  if any(len(p) != len(images) for p in [labels, *predictions]):
     raise ValueError(
         f"Batch sizes differ: images {len(images)}, labels {len(labels)}, "
-        f"predictions {len(predictions)}")
+        f"predictions {[len(p) for p in predictions]}")
   if max_rows < 1:
     raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-  n = min(len(images), max_rows)
-  rows = [
-      [images[i], colorize(labels[i], palette), colorize(predictions[i], palette)]
-      for i in range(n)
-  ]
-  return image_grid(rows, separator=separator)
+  rows = []
+  for i in range(min(len(images), max_rows)):
+    if np.all(labels[i] == 255):
+      break
+    rows.append([images[i], colorize(labels[i], palette)]
+                + [colorize(p[i], palette) for p in predictions])
+  return image_grid(rows, separator=separator) if rows else None
 
 
 def overlay(image, mask, palette: np.ndarray, alpha: float = 0.5) -> np.ndarray:

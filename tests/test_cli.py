@@ -104,3 +104,20 @@ def test_bad_run_arguments_give_one_message(tmp_path, args, message):
   assert done.stderr.strip().splitlines() == [done.stderr.strip()]  # one line
   assert message in done.stderr and "Traceback" not in done.stderr
   assert a_file.read_text() == "mine" and not (tmp_path / "run").exists()
+
+
+def test_loading_every_config_file_imports_no_jax():
+  """Config files (and their objective blocks) load without JAX or Flax, e.g. on a login
+  node that checks a sweep's configs."""
+  code = (
+      "import glob, importlib.util, sys\n"
+      "for path in sorted(glob.glob('configs/*.py')):\n"
+      "  spec = importlib.util.spec_from_file_location('cfg', path)\n"
+      "  module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+      "  config = module.get_config()\n"
+      "  assert 'recon' in config.losses and 'cwmim' in config.losses, path\n"
+      "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'optax'))\n"
+      "print('HEAVY', heavy)\n")
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                       text=True, check=True).stdout
+  assert "HEAVY []" in out, out

@@ -79,7 +79,7 @@ def probe_run(tmp_path_factory):
     run = train.Run(config, workdir, training=False)
     restored = run.restore_saved("latest")
   finally:
-    del registry.OBJECTIVES["probe"]
+    registry.unregister("probe")
   return config, results, restored, workdir
 
 

@@ -200,8 +200,9 @@ def test_prediction_grid_layout_and_panel_colours():
   labels = rng.integers(0, 21, size=(n, h, w)).astype(np.int32)
   labels[:, 0, 0] = 255
   predictions = jnp.asarray(rng.integers(0, 21, size=(n, h, w)), dtype=jnp.int32)
-  grid = viz.prediction_grid(images, labels, predictions, palette, separator=sep)
-  assert grid.shape == (n * h + (n - 1) * sep, 3 * w + 2 * sep, 3)
+  teacher = (predictions + 1) % 21
+  grid = viz.prediction_grid(images, labels, [predictions, teacher], palette, separator=sep)
+  assert grid.shape == (n * h + (n - 1) * sep, 4 * w + 3 * sep, 3)
   assert grid.dtype == np.uint8
   for i in range(n):
     top = i * (h + sep)
@@ -209,14 +210,22 @@ def test_prediction_grid_layout_and_panel_colours():
     np.testing.assert_array_equal(
         grid[top:top + h, w + sep:2 * w + sep], viz.colorize(labels[i], palette))
     np.testing.assert_array_equal(
-        grid[top:top + h, 2 * (w + sep):], viz.colorize(np.asarray(predictions[i]), palette))
+        grid[top:top + h, 2 * (w + sep):3 * w + 2 * sep],
+        viz.colorize(np.asarray(predictions[i]), palette))
+    np.testing.assert_array_equal(
+        grid[top:top + h, 3 * (w + sep):], viz.colorize(np.asarray(teacher[i]), palette))
   # Separators are drawn between rows and panels.
   sep_colour = np.asarray(viz.SEPARATOR_COLOR, np.uint8)
   assert (grid[h:h + sep, :] == sep_colour).all()
   assert (grid[:, w:w + sep] == sep_colour).all()
   # max_rows caps the number of rows.
-  capped = viz.prediction_grid(images, labels, predictions, palette, max_rows=2, separator=sep)
+  capped = viz.prediction_grid(images, labels, [predictions], palette, max_rows=2, separator=sep)
   assert capped.shape == (2 * h + sep, 3 * w + 2 * sep, 3)
+  # Rows stop at the dummy padding of a short batch (labels all 255).
+  labels[1] = 255
+  assert viz.prediction_grid(images, labels, [predictions], palette).shape[0] == h
+  labels[0] = 255
+  assert viz.prediction_grid(images, labels, [predictions], palette) is None
 
 
 def test_image_grid_pads_to_largest_cell_with_black():

@@ -147,6 +147,10 @@ def test_loop_writes_metrics_images_checkpoints(straight_run):
   assert any(f.startswith("predictions_") for f in os.listdir(os.path.join(workdir, "images")))
   assert any(f.startswith("events.out.tfevents")
              for f in os.listdir(os.path.join(workdir, "tensorboard")))
+  # The parameter table counts every student parameter.
+  table = open(os.path.join(workdir, "parameters.txt")).read()
+  count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(results["state"].params))
+  assert f"Total: {count:,}" in table and "backbone" in table
 
 
 def test_resume_equals_straight_run(straight_run, tmp_path):

@@ -32,8 +32,8 @@ statistics (losses/objective.py), which is also what makes the classes independe
 import jax
 import jax.numpy as jnp
 
-from s4jax import config_schema
 from s4jax.losses import consistency
+from s4jax.losses import cwmim_config
 from s4jax.losses import objective as objective_lib
 from s4jax.models import heads
 from s4jax.losses import recon
@@ -202,23 +202,6 @@ def _heads(cfg):
   return (heads.HeadSpec("recon", "rgb"),) if cfg.rec_weight > 0 else ()
 
 
-def _validate(config):
-  cfg = config.losses.cwmim
-  require = config_schema.require
-  require(cfg.patch_size >= 1, "losses.cwmim.patch_size", cfg.patch_size, "an integer >= 1")
-  require(0 < cfg.mask_ratio < 1, "losses.cwmim.mask_ratio", cfg.mask_ratio,
-          "a number in (0, 1)")
-  require(cfg.classes_per_image >= 1, "losses.cwmim.classes_per_image",
-          cfg.classes_per_image, "an integer >= 1")
-  require(cfg.norm in recon.NORMS, "losses.cwmim.norm", cfg.norm, f"one of {recon.NORMS}")
-  for key in ("rec_weight", "fa_weight", "smim_weight"):
-    require(cfg[key] >= 0, f"losses.cwmim.{key}", cfg[key], "a number >= 0")
-  require(cfg.rec_weight + cfg.fa_weight + cfg.smim_weight > 0, "losses.cwmim.rec_weight",
-          cfg.rec_weight, "some part of cwmim switched on (rec, fa or smim weight > 0), or "
-          "losses.cwmim.enabled=False")
-  require(cfg.smim_weight == 0 or config.method != "supervised", "losses.cwmim.smim_weight",
-          cfg.smim_weight, "0 with method='supervised' (the semantic-space loss needs the "
-          "teacher's pseudo-labels of unlabelled images)")
 
 
 def _visualise(model, variables, images, masks, rng, cfg):
@@ -244,4 +227,5 @@ def _visualise(model, variables, images, masks, rng, cfg):
 
 
 OBJECTIVE = objective_lib.Objective(
-    name="cwmim", heads=_heads, loss=_loss, validate=_validate, visualise=_visualise)
+    name="cwmim", heads=_heads, loss=_loss, validate=cwmim_config.validate,
+    visualise=_visualise)

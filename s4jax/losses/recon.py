@@ -19,12 +19,12 @@ weight of the labelled images does not shrink with the number of unlabelled view
 
 import jax.numpy as jnp
 
-from s4jax import config_schema
 from s4jax.labels import IGNORE_INDEX
+from s4jax.losses import recon_config
 from s4jax.losses import objective as objective_lib
 from s4jax.models import heads
 
-NORMS = ("l1", "l2")
+NORMS = recon_config.NORMS
 
 
 def pixel_error(prediction, target, norm: str):
@@ -114,16 +114,6 @@ def _loss(ctx: objective_lib.StepContext, cfg, aux):
   return cfg.weight * loss, metrics, aux
 
 
-def _validate(config):
-  cfg = config.losses.recon
-  require = config_schema.require
-  require(cfg.weight >= 0, "losses.recon.weight", cfg.weight, "a number >= 0")
-  require(cfg.norm in NORMS, "losses.recon.norm", cfg.norm, f"one of {NORMS}")
-  require(cfg.on_labelled or (cfg.on_strong and config.method != "supervised"),
-          "losses.recon.on_labelled", cfg.on_labelled,
-          "True, or on_strong=True with a semi-supervised method (else recon sees no image)")
-  require(all(int(c) >= 0 for c in cfg.background_classes), "losses.recon.background_classes",
-          tuple(cfg.background_classes), "class indices >= 0 (empty = the dataset's own)")
 
 
 def _visualise(model, variables, images, masks, rng, cfg):
@@ -137,4 +127,5 @@ def _visualise(model, variables, images, masks, rng, cfg):
 
 
 OBJECTIVE = objective_lib.Objective(
-    name="recon", heads=_heads, loss=_loss, validate=_validate, visualise=_visualise)
+    name="recon", heads=_heads, loss=_loss, validate=recon_config.validate,
+    visualise=_visualise)

@@ -1,31 +1,60 @@
 """Registry of auxiliary objectives by name (the plug-in interface: losses/objective.py).
 
-To add an objective: write `losses/<name>.py` ending in `OBJECTIVE = Objective(...)`, add
-it to `_BUILT_IN` below, give it a config block `config.losses.<name>` with an `enabled` key
-in `config_schema.default_config()`, and test it. The step and the loop need no change.
-An objective in a researcher's own module is added with `register(OBJECTIVE)` (its config
-block added to the config by that module or the config file); it then runs like a built-in.
+To add an objective `<name>`:
+  - `losses/<name>.py` ends in `OBJECTIVE = Objective(name="<name>", ...)` (JAX);
+  - `losses/<name>_config.py` has `defaults()` (the block `config.losses.<name>`, with an
+    `enabled` key) and `validate(config)`, importing no JAX, so that loading a config file
+    stays light;
+  - its name goes into `BUILT_IN` below, and it gets tests and a `configs/` file.
+The step, the loop and the config schema need no change.
+
+An objective in a researcher's own module is added with `register(OBJECTIVE)` and its config
+block added by that module or the config file (`config.losses.<name> = ...` before locking);
+it then runs like a built-in, after them.
+
+This module imports no JAX: the objectives are imported the first time they are asked for.
 """
 
-from s4jax.losses import cwmim
-from s4jax.losses import recon
+import importlib
 
-_BUILT_IN = (recon.OBJECTIVE, cwmim.OBJECTIVE)
-# Registry order is the order losses and target hooks run in.
-OBJECTIVES = {objective.name: objective for objective in _BUILT_IN}
+# The one list of built-in objectives; registry order is the order their target hooks and
+# losses run in.
+BUILT_IN = ("recon", "cwmim")
+
+_external = {}   # name -> Objective, registered from outside the package
+
+
+def config_blocks() -> dict:
+  """{name: default config block} of every built-in objective (no JAX imported)."""
+  return {name: importlib.import_module(f"s4jax.losses.{name}_config").defaults()
+          for name in BUILT_IN}
+
+
+def objectives() -> dict:
+  """{name: Objective} of every objective, built-in then registered, in registry order."""
+  found = {name: importlib.import_module(f"s4jax.losses.{name}").OBJECTIVE
+           for name in BUILT_IN}
+  found.update(_external)
+  return found
 
 
 def register(objective, *, replace: bool = False) -> None:
-  """Adds an objective from outside the package (after the built-in ones)."""
-  if objective.name in OBJECTIVES and not replace and OBJECTIVES[objective.name] is not objective:
+  """Adds an objective from outside the package (it runs after the built-in ones)."""
+  taken = objective.name in BUILT_IN or objective.name in _external
+  if taken and not replace and _external.get(objective.name) is not objective:
     raise ValueError(f"An objective named {objective.name!r} is already registered.")
-  OBJECTIVES[objective.name] = objective
+  _external[objective.name] = objective
+
+
+def unregister(name: str) -> None:
+  """Removes an objective added with `register` (tests; built-ins stay)."""
+  _external.pop(name, None)
 
 
 def enabled(config):
   """[(objective, its config block)] for every objective switched on, in registry order."""
   blocks = config.get("losses", {})
-  return [(OBJECTIVES[name], blocks[name]) for name in OBJECTIVES
+  return [(objective, blocks[name]) for name, objective in objectives().items()
           if name in blocks and blocks[name].enabled]
 
 

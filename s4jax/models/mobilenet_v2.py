@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from s4jax.models import resnet
+from s4jax.models.names import OUTPUT_STRIDES
 
-OUTPUT_STRIDES = (8, 16, 32)
 STEM_CHANNELS = 32
 LOW_LEVEL_BLOCK = 3    # torch features.3: the last block at stride 4
 HIGH_LEVEL_BLOCK = 17  # torch features.17: the last inverted-residual block

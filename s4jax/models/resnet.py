@@ -42,8 +42,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from s4jax.models.names import OUTPUT_STRIDES
+
 RESNET_DEPTHS = (18, 34, 50, 101)
-OUTPUT_STRIDES = (8, 16, 32)
 
 # Blocks per stage, as in torchvision.
 _STAGE_SIZES = {

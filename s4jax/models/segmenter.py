@@ -33,18 +33,11 @@ from s4jax.models.deeplabv3plus import aspp_rates_for_output_stride
 from s4jax.models import efficientnet_lite
 from s4jax.models import mobilenet_v2
 from s4jax.models import heads as heads_lib
-from s4jax.models.resnet import OUTPUT_STRIDES
+from s4jax.models.names import BACKBONE_OUTPUT_STRIDES
+from s4jax.models.names import BACKBONES
+from s4jax.models.names import RESNETS
 from s4jax.models.resnet import ResNet
 
-RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
-BACKBONES = RESNETS + ("mobilenet_v2", "efficientnet_lite0")
-# Output strides each backbone reaches by dilating its last stages (all three today; the
-# MobileNets' strided blocks fall at strides 4, 8, 16 and 32 like the ResNet stages).
-BACKBONE_OUTPUT_STRIDES = {
-    **{name: OUTPUT_STRIDES for name in RESNETS},
-    "mobilenet_v2": mobilenet_v2.OUTPUT_STRIDES,
-    "efficientnet_lite0": efficientnet_lite.OUTPUT_STRIDES,
-}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Auxiliary head name -> module class. Every head maps decoder features to an output.
 
