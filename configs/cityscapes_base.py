@@ -11,11 +11,6 @@ conf_thresh 0.95; the values below follow the paper's ResNet-101 setting.
 
 from s4jax import config_schema
 
-# Cityscapes has 2975 fine training images; an epoch is one pass over the unlabelled set
-# (2975 minus the labelled ones). We count 2975: at most 2x more steps than UniMatch's count
-# for the 1_2 split, 6 % for 1_16. The loop is step-based.
-NUM_TRAIN = 2975
-
 
 def get_config():
   config = config_schema.default_config()
@@ -50,8 +45,8 @@ def get_config():
   # V1: pseudo-labels from the student's train-mode weak pass (docs/methods.md).
   config.teacher.source = "student"
   config.teacher.ema_decay = 0.0
-  # cityscapes.yaml epochs 240.
-  config.total_steps = 240 * NUM_TRAIN // config.unlabelled_batch_size
+  # cityscapes.yaml epochs 240 over the split's unlabelled set (total_steps derived at start).
+  config.total_epochs = 240
   # Sliding window of the crop size, stride 2/3 of it (UniMatch evaluate mode "sliding_window":
   # 801 / 534), softmax summed over windows; images are all 1024x2048 (no padding needed).
   config.eval.mode = "sliding"

@@ -9,15 +9,6 @@ rates 6/12/18; unimatch.py; model/semseg/deeplabv3plus.py) and docs/methods.md Â
 
 from s4jax import config_schema
 
-# VOC train_aug has 10582 images; an epoch is one pass over the unlabelled set (10582 minus
-# the labelled ones: 10490 for split 92 ... 9118 for 1464). We count 10582, at most 14 % more
-# steps than UniMatch's per-split count; the loop is step-based (no epochs in the config).
-NUM_TRAIN_AUG = 10582
-
-
-def epochs_to_steps(epochs: int, images_per_step: int, num_images: int = NUM_TRAIN_AUG) -> int:
-  return epochs * num_images // images_per_step
-
 
 def get_config():
   config = config_schema.default_config()
@@ -51,8 +42,9 @@ def get_config():
   # The evaluated "teacher" is then the student itself (ema_decay 0).
   config.teacher.source = "student"
   config.teacher.ema_decay = 0.0
-  # pascal.yaml epochs 80.
-  config.total_steps = epochs_to_steps(80, config.unlabelled_batch_size)
+  # pascal.yaml epochs 80, an epoch being a pass over the unlabelled set of the split (10490
+  # images for split 92 ... 9118 for 1464): total_steps is derived when the run starts.
+  config.total_epochs = 80
   # Whole-image evaluation, single scale, each image at its own size (UniMatch evaluate mode
   # "original"): batches group images of one size, so nothing is padded; one compile per
   # distinct size, reused at every later evaluation.

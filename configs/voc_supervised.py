@@ -4,13 +4,11 @@
 
 UniMatch's supervised.py: the same recipe as voc_base.py, batch doubled to 16 ("double the
 batch_size ... if you use the same number of GPUs", UniMatch README), and 80 epochs over the
-LABELLED set, so the step count depends on the split: 80 x 1464 / 16 = 7320 steps below
-(split 1464); set --config.total_steps=$((80 * N / 16)) for a split of N labelled images.
+LABELLED set (total_epochs, from voc_base.py), so the step count depends on the split:
+80 x (1464 // 16) = 7280 steps for split 1464, derived when the run starts.
 """
 
 from s4jax import config_schema
-
-NUM_LABELLED = 1464  # the split the step count below is computed for
 
 
 def get_config():
@@ -18,5 +16,4 @@ def get_config():
   config.method = "supervised"
   config.batch_size = 16
   config.unlabelled_batch_size = 0
-  config.total_steps = 80 * NUM_LABELLED // config.batch_size
   return config

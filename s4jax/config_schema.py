@@ -39,6 +39,11 @@ def default_config() -> ml_collections.ConfigDict:
   # (complementary channel dropout on two strong views). docs/methods.md §0.
   c.method = "supervised"
   c.total_steps = 1000
+  # > 0: train this many epochs instead, and total_steps is derived once the data are
+  # known: total_epochs x (images // global batch) steps, an epoch being one pass over the
+  # unlabelled set (semi-supervised) or the labelled set (supervised), as UniMatch counts
+  # them (drop_last loaders). 0 = total_steps as given.
+  c.total_epochs = 0
   # Global (all devices, all hosts) number of labelled images per step.
   c.batch_size = 8
   # Global number of unlabelled images per step (semi-supervised methods); 0 = batch_size.
@@ -267,6 +272,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
               "keep_checkpoints"):
     value = config[key]
     _require(isinstance(value, int) and value > 0, key, value, "a positive integer")
+  _require(isinstance(config.total_epochs, int) and config.total_epochs >= 0, "total_epochs",
+           config.total_epochs, "an integer >= 0 (0 = use total_steps)")
   _require(config.num_visualised >= 0, "num_visualised", config.num_visualised, "an integer >= 0")
   _require(config.batch_size % num_devices == 0, "batch_size", config.batch_size,
            f"a multiple of the number of devices ({num_devices})")
@@ -336,6 +343,29 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
 def unlabelled_batch_size(config) -> int:
   """Global unlabelled batch (0 in the config means: as many as labelled)."""
   return config.unlabelled_batch_size or config.batch_size
+
+
+def resolve_total_steps(config, num_labelled: int, num_unlabelled: int):
+  """`config` with `total_steps` derived from `total_epochs` (when > 0) and the data sizes.
+
+  Returns the config unchanged when total_epochs is 0, else a locked copy. Raises ConfigError
+  when the data give no full batch per epoch.
+  """
+  if not config.total_epochs:
+    return config
+  if config.method == "supervised":
+    images, batch, which = num_labelled, config.batch_size, "labelled"
+  else:
+    images, batch, which = num_unlabelled, unlabelled_batch_size(config), "unlabelled"
+  steps_per_epoch = images // batch
+  require(steps_per_epoch > 0, "total_epochs", config.total_epochs,
+          f"0, or more {which} images ({images}) than one global batch ({batch}); an epoch "
+          f"is a pass over the {which} set")
+  resolved = config.copy_and_resolve_references()
+  resolved.unlock()
+  resolved.total_steps = config.total_epochs * steps_per_epoch
+  resolved.lock()
+  return resolved
 
 
 def eval_window(config) -> tuple[int, int]:

@@ -139,7 +139,7 @@ def main(argv):
   if jax.process_index() != 0:
     return
   if "stopped_at" in results:
-    print(f"stopped at step {results['stopped_at']} of {config.total_steps}; rerun without "
+    print(f"stopped at step {results['stopped_at']} of {results['total_steps']}; rerun without "
           "--stop_after (or with a later step) to continue.")
   elif "eval/student_miou" in results:
     print(f"final student mIoU {100 * results['eval/student_miou']:.2f}  "

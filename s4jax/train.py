@@ -64,6 +64,13 @@ class Run:
       workdir_lib.check_for_evaluation(workdir, config)
 
     self.data = datasets.build(config.data)
+    # The config as given (recorded in the workdir and compared on resume) and the one the run
+    # uses, with total_steps derived from total_epochs once the data sizes are known.
+    self.given_config = config
+    self.config = config = config_schema.resolve_total_steps(
+        config, len(self.data.labelled_indices), len(self.data.unlabelled_indices))
+    if config.total_epochs:
+      logging.info("total_epochs=%d: %d steps.", config.total_epochs, config.total_steps)
     self.model = segmenter.build_segmenter(config.model, self.data.num_classes,
                                            aux_heads=registry.required_heads(config))
     self.tx = optim.make_optimizer(config.optim, config.total_steps)
@@ -133,7 +140,7 @@ class Run:
     """Writes the workdir's config record: called once data and state are built, so that a
     start that fails leaves none (the corrected command is then not "a different run")."""
     if self.is_writer:
-      workdir_lib.record(self.workdir, self.config)
+      workdir_lib.record(self.workdir, self.given_config)
 
   def record_parameters(self, state) -> None:
     """Writes <workdir>/parameters.txt, a table of the student's parameters (module path,
@@ -405,8 +412,9 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
 
   `stop_after` ends this invocation early at that step (with a checkpoint), e.g. to fit a
   time-limited session; running again continues. Returns the last evaluation metrics, the
-  best record ("best"), the final state ("state") and, when it stopped before
-  `total_steps`, the step it stopped at ("stopped_at").
+  best record ("best"), the final state ("state"), the run's length ("total_steps", derived
+  from total_epochs if given) and, when it stopped before it, the step it stopped at
+  ("stopped_at").
 
   SIGTERM or SIGINT: the current step is finished and saved (model and data iterators) and
   errors.Stopped is raised once the save is complete on disk. Every way out (an error, a
@@ -463,7 +471,8 @@ def _train(run, signals, stop_after) -> dict:
   if stop_after is not None and start_step >= stop_after and start_step < config.total_steps:
     logging.info("The run is at step %d already, past --stop_after=%d: nothing to do.",
                  start_step, stop_after)
-    return {"best": run.checkpointer.best_record(), "state": state, "stopped_at": start_step}
+    return {"best": run.checkpointer.best_record(), "state": state, "stopped_at": start_step,
+            "total_steps": config.total_steps}
   logging.info("Training %s: %d labelled images, %d classes, %d devices, steps %d..%d.",
                config.model.backbone, len(run.data.labelled_indices), run.data.num_classes,
                run.mesh.size, start_step, total)
@@ -545,7 +554,7 @@ def _train(run, signals, stop_after) -> dict:
                  best["step"] if best else "-")
     logging.info("Per-class IoU (teacher):\n%s",
                  evaluate.format_iou_table(final_scores["teacher"], run.data.class_names))
-  results = {**final_eval, "best": best, "state": state}
+  results = {**final_eval, "best": best, "state": state, "total_steps": config.total_steps}
   if total < config.total_steps:
     results["stopped_at"] = total
   return results

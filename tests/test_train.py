@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from s4jax import checkpointing
+from s4jax import config_schema
 from s4jax import optim
 from s4jax import state as state_lib
 from s4jax import train
@@ -227,3 +228,26 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints"))
   expected = f"step {saved[-1]}" if saved else "no checkpoint had been saved"
   assert expected in str(info.value)
+
+
+@pytest.mark.parametrize("method, expected", [("supervised", 2 * (32 // 8)),
+                                              ("fixmatch", 2 * (32 // 16))])
+def test_total_epochs_derive_total_steps_from_the_data(tmp_path, method, expected):
+  # 64 training images, half labelled; an epoch is a pass over the unlabelled set for a semi
+  # method (16 per step here) and over the labelled set for supervised (8 per step).
+  config = tiny_config(method=method, total_epochs=2, unlabelled_batch_size=16)
+  run = train.Run(config, str(tmp_path))
+  assert len(run.data.labelled_indices) == 32 and len(run.data.unlabelled_indices) == 32
+  assert run.config.total_steps == expected
+  # The poly schedule reaches zero at the derived end.
+  assert float(run.lr_schedule(expected)) == 0.0 and float(run.lr_schedule(expected - 1)) > 0
+  # The workdir records the config as given, so the same command resumes.
+  run.record_config()
+  assert workdir_lib.recorded_config(str(tmp_path))["total_steps"] == config.total_steps
+  run.close()
+
+
+def test_total_epochs_without_a_full_batch_is_refused(tmp_path):
+  config = tiny_config(method="supervised", total_epochs=1, batch_size=40)
+  with pytest.raises(config_schema.ConfigError, match="config.total_epochs"):
+    train.Run(config, str(tmp_path))
