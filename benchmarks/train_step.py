@@ -1,13 +1,20 @@
-"""Times the compiled train step of a config: compile time, median step time, images/s, memory.
+"""Times the compiled train step of a config: compile time, step time, images/s, FLOPs, memory.
 
   python benchmarks/train_step.py --config=configs/shapes_supervised.py
-  python benchmarks/train_step.py --config=configs/shapes_supervised.py \
-      --config.model.backbone=resnet50 --config.model.width=64 --config.model.aspp_channels=256 \
-      --config.model.decoder_channels=256 --config.data.crop_size=321 --config.batch_size=2
+  python benchmarks/train_step.py --config=configs/voc_unimatch.py \
+      --config.model.backbone=resnet50 --config.batch_size=2 --config.unlabelled_batch_size=2 \
+      --num_classes=21 --steps=3
+
+A/B: `--config_b=FILE` (with its own `--config_b.<key>=...` overrides) compiles a second
+config and times the two in alternation, `--rounds` times `--steps` steps each, then prints
+the ratio of their step times per round and its spread (alternating cancels slow drifts of a
+shared machine; only ratios from one such run compare).
 
 Batches are random (drawn once); the numbers are for the step only, not the input pipeline.
-Memory: XLA's compiled-program estimate (arguments + outputs + temporaries) and the process's
-peak resident size. Measure on an idle machine: other load shifts the medians.
+FLOPs and bytes are XLA's cost analysis of the compiled step (every op, forward and
+backward); GFLOP/s is that over the median step time. images/s counts every image the step
+reads (labelled + unlabelled). Memory: XLA's compiled-program estimate (arguments + outputs
++ temporaries) and the process's peak resident size. Measure on an idle machine.
 """
 
 import resource
@@ -32,6 +39,10 @@ from s4jax.models import segmenter
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (after one warm-up step).")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 21, "Classes of the segmentation head.")
+_CONFIG_B = config_flags.DEFINE_config_file("config_b", None, "A second config for an A/B "
+                                            "comparison (alternated with --config).",
+                                            lock_config=True)
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "A/B: alternations of --steps steps each.")
 
 
 def encoder_images(config):
@@ -61,10 +72,8 @@ def random_batch(config, rng):
   return batch
 
 
-def main(argv):
-  del argv
-  config = _CONFIG.value
-  mesh = sharding.make_mesh()
+def compile_step(config, mesh):
+  """(compiled step, state, batch, compile seconds, memory analysis, cost analysis)."""
   model = segmenter.build_segmenter(config.model, _NUM_CLASSES.value,
                                     aux_heads=registry.required_heads(config))
   tx = optim.make_optimizer(config.optim, config.total_steps)
@@ -74,23 +83,37 @@ def main(argv):
                                                      segmenter.feature_widths(model)))
   batch = sharding.host_to_global(random_batch(config, np.random.default_rng(0)), mesh)
   train_step = step_lib.make_train_step(model, tx, config, mesh)
-
   t0 = time.perf_counter()
   compiled = train_step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
-
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jaxlibs: one dict per program
+    cost = cost[0] if cost else None
   state, metrics = compiled(state, batch)  # warm-up
   jax.block_until_ready(metrics)
+  return compiled, state, batch, compile_s, compiled.memory_analysis(), cost or {}
+
+
+def time_steps(compiled, state, batch, steps: int):
+  """(state, [seconds per step])."""
   times = []
-  for _ in range(_STEPS.value):
+  for _ in range(steps):
     t0 = time.perf_counter()
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
-  median = statistics.median(times)
-  peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  return state, times
 
+
+def images_per_step(config) -> int:
+  n = config.batch_size
+  return n + (config_schema.unlabelled_batch_size(config) if config.method != "supervised"
+              else 0)
+
+
+def report(config, mesh, compile_s, times, mem, cost) -> None:
+  median = statistics.median(times)
+  crop = config.data.crop_size
   print(f"config: method={config.method} backbone={config.model.backbone} "
         f"width={config.model.width} crop={crop} batch={config.batch_size} "
         f"dtype={config.model.dtype} "
@@ -104,13 +127,47 @@ def main(argv):
         f"{len(times)} steps)")
   unlabelled = (f" + {config_schema.unlabelled_batch_size(config) / median:.2f} unlabelled"
                 if config.method != "supervised" else "")
-  print(f"throughput        {config.batch_size / median:8.2f} labelled{unlabelled} images/s")
+  print(f"throughput        {images_per_step(config) / median:8.2f} images/s   "
+        f"({config.batch_size / median:.2f} labelled{unlabelled})")
+  flops = cost.get("flops")
+  if flops:
+    print(f"XLA cost          {flops / 1e9:8.1f} GFLOP/step, "
+          f"{cost.get('bytes accessed', 0) / 2**30:.2f} GiB accessed/step, "
+          f"{flops / 1e9 / median:.1f} GFLOP/s achieved")
   if mem is not None:
     total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
              - mem.alias_size_in_bytes)
     print(f"XLA memory        {total / 2**30:8.2f} GiB   (arguments "
           f"{mem.argument_size_in_bytes / 2**30:.2f}, temporaries "
           f"{mem.temp_size_in_bytes / 2**30:.2f})")
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  mesh = sharding.make_mesh()
+  compiled, state, batch, compile_s, mem, cost = compile_step(config, mesh)
+  if _CONFIG_B.value is None:
+    _, times = time_steps(compiled, state, batch, _STEPS.value)
+    report(config, mesh, compile_s, times, mem, cost)
+  else:
+    config_b = _CONFIG_B.value
+    compiled_b, state_b, batch_b, compile_b, mem_b, cost_b = compile_step(config_b, mesh)
+    times_a, times_b, ratios = [], [], []
+    for _ in range(_ROUNDS.value):
+      state, ta = time_steps(compiled, state, batch, _STEPS.value)
+      state_b, tb = time_steps(compiled_b, state_b, batch_b, _STEPS.value)
+      times_a += ta
+      times_b += tb
+      ratios.append(statistics.median(tb) / statistics.median(ta))
+    print("== A ==")
+    report(config, mesh, compile_s, times_a, mem, cost)
+    print("== B ==")
+    report(config_b, mesh, compile_b, times_b, mem_b, cost_b)
+    print(f"B/A step time     {statistics.median(ratios):8.3f}   (per round: "
+          f"{', '.join(f'{r:.3f}' for r in ratios)}; {_ROUNDS.value} alternations of "
+          f"{_STEPS.value} steps)")
+  peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
   print(f"peak process RSS  {peak_rss_gib:8.2f} GiB")
 
 
