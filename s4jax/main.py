@@ -19,6 +19,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from s4jax import compilation_cache
 from s4jax import errors
 from s4jax import logs
 from s4jax import train
@@ -48,6 +49,11 @@ _STOP_AFTER = flags.DEFINE_integer(
     "End this invocation at this step (with a checkpoint); rerun the same command to go on. "
     "For time-limited sessions (Colab, preemptible VMs).")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", "auto",
+    "JAX's persistent compilation cache, so a restarted run does not recompile: "
+    f"{compilation_cache.SETTINGS_HELP} (auto: {compilation_cache.default_directory()}; off "
+    "for XLA:CPU with several devices).")
 
 # Library loggers whose routine records are not for the person at the console: jax's
 # "Unable to initialize backend 'tpu'" on every CPU/GPU start, and tensorboardX's warning for
@@ -121,6 +127,7 @@ def main(argv):
   if _DISTRIBUTED.value or _COORDINATOR.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value)
   try:
+    compilation_cache.enable(_COMPILATION_CACHE.value)
     if _MODE.value == "train":
       results = train.train_and_evaluate(config, _WORKDIR.value,
                                          overwrite=_OVERWRITE.value,

@@ -28,9 +28,13 @@ def _cli(*args, timeout=300):
 
 def test_cli_trains_evaluates_and_resumes(tmp_path):
   workdir = str(tmp_path / "run")
-  done = _cli(f"--config={CONFIG}", f"--workdir={workdir}", *TINY)
+  cache = tmp_path / "xla_cache"
+  done = _cli(f"--config={CONFIG}", f"--workdir={workdir}", *TINY,
+              f"--compilation_cache={cache}")
   assert done.returncode == 0, done.stderr[-3000:]
   assert "final student mIoU" in done.stdout
+  # The compiled programs went to the persistent cache (one device: "auto" would too).
+  assert len(os.listdir(cache)) >= 2
   # The console is for a person: no backend probing, no absl prefix, short progress lines.
   assert "Unable to initialize backend" not in done.stderr
   assert not re.search(r"^[IWEF]\d{4} ", done.stderr, re.M), done.stderr[:500]
@@ -45,7 +49,7 @@ def test_cli_trains_evaluates_and_resumes(tmp_path):
   stamp = os.stat(record).st_mtime_ns
   listing = sorted(os.listdir(workdir))
   evaluated = _cli(f"--config={CONFIG}", f"--workdir={workdir}", "--mode=eval", *TINY,
-                   "--config.data.num_val=4")
+                   "--config.data.num_val=4", f"--compilation_cache={cache}")
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   assert "eval of the best checkpoint (step 2)" in evaluated.stderr
   assert os.stat(record).st_mtime_ns == stamp
@@ -92,6 +96,7 @@ def test_workdir_conflict_is_one_message_and_changes_nothing(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--stop_after=-1"], "--stop_after=-1 is not valid"),
     (["--workdir={file}"], "is a file, not a folder"),
+    (["--compilation_cache={file}/x"], "--compilation_cache: cannot create"),
 ])
 def test_bad_run_arguments_give_one_message(tmp_path, args, message):
   a_file = tmp_path / "notes.txt"
