@@ -133,7 +133,8 @@ def train_step(state, batch, *, model, tx, config, mesh, background_classes=(0,)
       refine, hook_metrics = _refine_targets(objectives, hook_keys, dict(
           config=config, model=model, params=params, batch_stats=state.batch_stats,
           teacher_variables=state.teacher_variables(), weak_image=augment.normalize(u_unit),
-          weak_valid=valid, step=state.step, num_classes=model.num_classes), state.aux)
+          weak_valid=valid, step=state.step, num_classes=model.num_classes,
+          hidden_mask=batch.get("u_mask")), state.aux)
       unlabelled = method_base.Unlabelled(
           weak=augment.normalize(u_unit), valid=valid,
           views=tuple(method_base.strong_views(k, u_unit, valid, config)
@@ -141,6 +142,8 @@ def train_step(state, batch, *, model, tx, config, mesh, background_classes=(0,)
           teacher_logits=teacher_logits, refine=refine)
     result = method.run(passes, x_l, y_l, unlabelled, keys, config)
     total, losses = result.total, dict(result.losses)
+    if any(o.replaces_base is not None and o.replaces_base(cfg) for o, cfg in objectives):
+      total = jnp.zeros_like(total)  # a tuning stage: the objectives' losses alone train
     losses.update(hook_metrics)
     targets = result.targets
     context = objective_lib.StepContext(

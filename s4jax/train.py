@@ -315,7 +315,10 @@ class Run:
         return {k: augment.denormalize_to_uint8(v) for k, v in out.items()}
       self._visualise = jax.jit(panels)
     rng = jax.random.fold_in(jax.random.key(self.config.seed), step)
-    out = self._visualise(state.student_variables(), batch["image"], batch["mask"], rng)
+    # The objectives' aux state rides along under "aux" (e.g. CSS's prototypes for its
+    # representation-space prediction); flax ignores the extra collection.
+    variables = {**state.student_variables(), "aux": state.aux}
+    out = self._visualise(variables, batch["image"], batch["mask"], rng)
     masks = multihost_utils.process_allgather(batch["mask"], tiled=True)
     grids = {}
     for name, value in out.items():

@@ -19,6 +19,7 @@ import time
 import ml_collections
 
 from s4jax import config_schema
+from s4jax.losses import registry
 from s4jax.errors import WorkdirConflictError, WorkdirError
 
 CONFIG_FILE = "config.json"
@@ -95,7 +96,8 @@ def differing_keys(old: dict, new: dict) -> list[str]:
 
 
 def _is_eval_key(key: str) -> bool:
-  return key in EVAL_KEYS or key.startswith(EVAL_KEY_PREFIXES)
+  return (key in EVAL_KEYS or key.startswith(EVAL_KEY_PREFIXES)
+          or key in registry.eval_keys())
 
 
 def _shown_diff(old: dict, new: dict, diff: list[str]) -> str:

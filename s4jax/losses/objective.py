@@ -98,10 +98,13 @@ class StepContext:
     out = self.model.apply(variables, images, train=False, method=method, **kwargs)
     return jax.lax.stop_gradient(out)
 
-  def head(self, name: str, features, *, train: bool = False, teacher: bool = False):
+  def head(self, name: str, features, *, train: bool = False, teacher: bool = False,
+           rng: jax.Array | None = None):
     """Auxiliary head `name` (declared by the objective) on `features`. `train=True` uses
     batch statistics for its BatchNorm (if any) and records the updated running statistics;
-    `teacher=True` runs the teacher's copy of the head, without gradient."""
+    `teacher=True` runs the teacher's copy of the head, without gradient. `rng` is the
+    "dropout" key of a head with dropout applied with `train=True`."""
+    rngs = {} if rng is None else {"dropout": rng}
     size = self.labelled_image.shape[1:3]
     if teacher:
       params = jax.lax.stop_gradient(
@@ -112,9 +115,9 @@ class StepContext:
           {"params": params, "batch_stats": stats}, name, features, size, method="head"))
     variables = {"params": self.params, "batch_stats": self.batch_stats}
     if not train:
-      return self.model.apply(variables, name, features, size, method="head")
+      return self.model.apply(variables, name, features, size, method="head", rngs=rngs)
     out, mutated = self.model.apply(variables, name, features, size, True, method="head",
-                                    mutable=["batch_stats"])
+                                    mutable=["batch_stats"], rngs=rngs)
     self.head_batch_stats.update(mutated.get("batch_stats", {}))
     return out
 
@@ -143,6 +146,9 @@ class TargetContext:
   rng: jax.Array
   step: jax.Array
   num_classes: int
+  # The unlabelled images' hidden masks (uint8, 255 = none) where the dataset has them
+  # (shapes): for diagnostics only, never a training target.
+  hidden_mask: jax.Array | None = None
 
   def teacher_apply(self, images, *, method=None, **kwargs):
     ctx = StepContext(config=self.config, model=self.model, params=self.params,
@@ -183,7 +189,12 @@ class Objective:
       logits: the prediction evaluation scores (AuxSegNet's refined segmentation).
     visualise: optional (model, variables, images normalised [n, H, W, 3], masks uint8
       [n, H, W], rng, cfg) -> {name: float images [n, R, H, W, 3] in normalised space};
-      the loop shows them as rows of R panels beside the prediction grids.
+      the loop shows them as rows of R panels beside the prediction grids. `variables`
+      (the student's) also holds "aux": every objective's aux state by name.
+    replaces_base: optional cfg -> bool; True makes the enabled objectives' losses the
+      whole training loss (a tuning stage, e.g. Mix-and-Match's): the base method still
+      runs its passes (objectives read their features) and its losses are logged, but its
+      total is not trained on.
   """
 
   name: str
@@ -194,3 +205,4 @@ class Objective:
   targets: Callable[..., tuple] | None = None
   refine_eval: Callable[..., jax.Array] | None = None
   visualise: Callable[..., dict] | None = None
+  replaces_base: Callable[[ml_collections.ConfigDict], bool] | None = None

@@ -19,7 +19,7 @@ import importlib
 
 # The one list of built-in objectives; registry order is the order their target hooks and
 # losses run in.
-BUILT_IN = ("recon", "cwmim")
+BUILT_IN = ("recon", "cwmim", "triplet", "contrastive", "affinity")
 
 _external = {}   # name -> Objective, registered from outside the package
 
@@ -28,6 +28,17 @@ def config_blocks() -> dict:
   """{name: default config block} of every built-in objective (no JAX imported)."""
   return {name: importlib.import_module(f"s4jax.losses.{name}_config").defaults()
           for name in BUILT_IN}
+
+
+def eval_keys() -> tuple:
+  """Keys of the built-in objectives that change only what evaluation computes (a module's
+  optional `EVAL_KEYS`, e.g. affinity's refine_eval): `--mode=eval` may differ in them from
+  the run's config, so one checkpoint can be scored both ways."""
+  keys = []
+  for name in BUILT_IN:
+    module = importlib.import_module(f"s4jax.losses.{name}_config")
+    keys += [f"losses.{name}.{key}" for key in getattr(module, "EVAL_KEYS", ())]
+  return tuple(keys)
 
 
 def objectives() -> dict:

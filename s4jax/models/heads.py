@@ -11,7 +11,15 @@ with parameters under `params["head_<name>"]`, and applies it by name
 - "image_classifier": `ImageClassifierHead`, global average pooling, dropout, 1x1 conv to
   `channels` logits (AuxSegNet's multi-label classifier);
 - "dense": `DenseHead`, 3x3 conv + ReLU + 1x1 conv to `channels` maps at the input's
-  stride (e.g. a 1-channel saliency map).
+  stride (e.g. a 1-channel saliency map);
+- "affinity_branch": `AffinityBranchHead`, a task's feature branch F_t (dilated 3x3 convs +
+  ReLU) and its two 1x1 projections theta_t(F_t), phi_t(F_t) (AuxSegNet's task affinity);
+- "affinity_fusion": `AffinityFusionHead`, 3x3 conv (no bias) + ReLU + 1x1 conv + softmax
+  over the channels, applied to stacked HW x HW affinity maps (AuxSegNet's cross-task
+  weights).
+
+A head that reads another head's output instead of a feature source sets `input_channels`
+(its input width at `init`).
 """
 
 import dataclasses
@@ -35,11 +43,16 @@ class HeadSpec:
     name: unique among the enabled objectives' heads; parameters live under
       `params["head_<name>"]`.
     kind: one of `HEAD_KINDS`.
-    channels: output width (RGB heads: the first conv's width; 0 = half the decoder's).
+    channels: output width (RGB heads: the first conv's width, 0 = half the decoder's;
+      "image_classifier": 0 = the number of classes).
     source: the features it reads at `init`: "fused" (decoder, stride 4), "low" (encoder,
       stride 4) or "high" (encoder, stride OS). Objectives pass the matching features when
       they apply it.
     dropout: dropout rate before the classifier ("image_classifier" only).
+    input_channels: width of the head's input when it reads another head's output rather
+      than the `source` features (0 = the source's width); `init` then feeds zeros of this
+      width at the source's spatial size.
+    dilations: dilation of each 3x3 conv ("affinity_branch" only).
   """
 
   name: str
@@ -47,6 +60,8 @@ class HeadSpec:
   channels: int = 0
   source: str = "fused"
   dropout: float = 0.0
+  input_channels: int = 0
+  dilations: tuple[int, ...] = ()
 
 
 class ReconstructionHead(nn.Module):
@@ -134,10 +149,51 @@ class DenseHead(nn.Module):
     return _conv(self.channels, 1, self.dtype, "conv1")(x).astype(jnp.float32)
 
 
-HEAD_KINDS = ("rgb", "projection", "image_classifier", "dense")
+class AffinityBranchHead(nn.Module):
+  """A dense task's feature branch and its affinity projections (AuxSegNet): dilated 3x3
+  convs + ReLU give F_t; 1x1 convs give theta_t(F_t) and phi_t(F_t), all `channels` wide.
+  Returns float32 {"features", "theta", "phi"} at the input's resolution; the HW x HW
+  affinity softmax(theta phi^T) is left to the caller, so `init` never builds one."""
+
+  channels: int = 128
+  dilations: tuple[int, ...] = (3, 6)
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: jax.Array, train: bool = False) -> dict:
+    del train
+    x = features.astype(self.dtype)
+    for i, rate in enumerate(self.dilations):
+      x = nn.relu(nn.Conv(self.channels, (3, 3), padding="SAME", kernel_dilation=(rate, rate),
+                          dtype=self.dtype, param_dtype=jnp.float32,
+                          kernel_init=conv_kernel_init, name=f"conv{i}")(x))
+    theta = _conv(self.channels, 1, self.dtype, "theta")(x)
+    phi = _conv(self.channels, 1, self.dtype, "phi")(x)
+    return {"features": x.astype(jnp.float32), "theta": theta.astype(jnp.float32),
+            "phi": phi.astype(jnp.float32)}
 
 
-def build_head(spec: HeadSpec, decoder_channels: int, dtype) -> nn.Module:
+class AffinityFusionHead(nn.Module):
+  """Cross-task weights (AuxSegNet's `cross_att`): the stacked task affinities [N, HW, HW, T]
+  seen as a T-channel image, 3x3 conv (no bias) + ReLU + 1x1 conv, softmax over the T
+  tasks; float32 weights [N, HW, HW, T]. Computed in float32: its input is probabilities."""
+
+  channels: int = 2
+
+  @nn.compact
+  def __call__(self, stacked: jax.Array, train: bool = False) -> jax.Array:
+    del train
+    x = stacked.astype(jnp.float32)
+    x = nn.relu(_conv(self.channels, 3, jnp.float32, "conv0", use_bias=False)(x))
+    return jax.nn.softmax(_conv(self.channels, 1, jnp.float32, "conv1")(x), axis=-1)
+
+
+HEAD_KINDS = ("rgb", "projection", "image_classifier", "dense", "affinity_branch",
+              "affinity_fusion")
+
+
+def build_head(spec: HeadSpec, decoder_channels: int, dtype, num_classes: int = 0
+               ) -> nn.Module:
   """The module for `spec` (named `head_<name>`)."""
   name = f"head_{spec.name}"
   if spec.kind == "rgb":
@@ -148,10 +204,15 @@ def build_head(spec: HeadSpec, decoder_channels: int, dtype) -> nn.Module:
     return ProjectionHead(channels=spec.channels, hidden=decoder_channels, dtype=dtype,
                           name=name)
   if spec.kind == "image_classifier":
-    return ImageClassifierHead(channels=spec.channels, dropout=spec.dropout, dtype=dtype,
-                               name=name)
+    return ImageClassifierHead(channels=spec.channels or num_classes, dropout=spec.dropout,
+                               dtype=dtype, name=name)
   if spec.kind == "dense":
     return DenseHead(channels=spec.channels or 1, hidden=max(decoder_channels // 4, 16),
                      dtype=dtype, name=name)
+  if spec.kind == "affinity_branch":
+    return AffinityBranchHead(channels=spec.channels or 128,
+                              dilations=tuple(spec.dilations) or (3, 6), dtype=dtype, name=name)
+  if spec.kind == "affinity_fusion":
+    return AffinityFusionHead(channels=spec.channels or 2, name=name)
   raise ValueError(f"Unknown head kind {spec.kind!r} of head {spec.name!r}; known: "
                    f"{HEAD_KINDS}.")

@@ -129,7 +129,8 @@ class Segmenter(nn.Module):
         dtype=self.dtype,
         name="decoder",
     )
-    self.heads = {spec.name: heads_lib.build_head(spec, self.decoder_channels, self.dtype)
+    self.heads = {spec.name: heads_lib.build_head(spec, self.decoder_channels, self.dtype,
+                                                  num_classes=self.num_classes)
                   for spec in self.aux_heads}
 
   def encode(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
@@ -172,7 +173,10 @@ class Segmenter(nn.Module):
     if self.is_initializing():
       sources = {"fused": out["features"], "low": low, "high": high}
       for spec in self.aux_heads:  # create their parameters; the result is not needed
-        self.head(spec.name, sources[spec.source], x.shape[1:3])
+        inputs = sources[spec.source]
+        if spec.input_channels:  # a head on another head's output: only the width matters
+          inputs = jnp.zeros(inputs.shape[:-1] + (spec.input_channels,), jnp.float32)
+        self.head(spec.name, inputs, x.shape[1:3])
     return {
         "logits": upsample_logits(out["logits"], x.shape[1:3]),
         "features": out["features"],
