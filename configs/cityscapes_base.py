@@ -47,6 +47,7 @@ def get_config():
   config.teacher.ema_decay = 0.0
   # cityscapes.yaml epochs 240 over the split's unlabelled set (total_steps derived at start).
   config.total_epochs = 240
+  config.total_steps = 0
   # Sliding window of the crop size, stride 2/3 of it (UniMatch evaluate mode "sliding_window":
   # 801 / 534), softmax summed over windows; images are all 1024x2048 (no padding needed).
   config.eval.mode = "sliding"

@@ -45,6 +45,7 @@ def get_config():
   # pascal.yaml epochs 80, an epoch being a pass over the unlabelled set of the split (10490
   # images for split 92 ... 9118 for 1464): total_steps is derived when the run starts.
   config.total_epochs = 80
+  config.total_steps = 0
   # Whole-image evaluation, single scale, each image at its own size (UniMatch evaluate mode
   # "original"): batches group images of one size, so nothing is padded; one compile per
   # distinct size, reused at every later evaluation.

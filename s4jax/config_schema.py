@@ -38,11 +38,12 @@ def default_config() -> ml_collections.ConfigDict:
   # "unimatch" (V1: feature perturbation + two strong views) or "unimatch_v2"
   # (complementary channel dropout on two strong views). docs/methods.md §0.
   c.method = "supervised"
+  # The run's length: exactly one of total_steps and total_epochs is > 0. total_epochs: the
+  # steps are derived once the data are known, total_epochs x (images // global batch), an
+  # epoch being one pass over the unlabelled set (semi-supervised) or the labelled set
+  # (supervised), as UniMatch counts them (drop_last loaders). The VOC and Cityscapes
+  # configs give epochs: --config.total_epochs=0 --config.total_steps=N to give steps.
   c.total_steps = 1000
-  # > 0: train this many epochs instead, and total_steps is derived once the data are
-  # known: total_epochs x (images // global batch) steps, an epoch being one pass over the
-  # unlabelled set (semi-supervised) or the labelled set (supervised), as UniMatch counts
-  # them (drop_last loaders). 0 = total_steps as given.
   c.total_epochs = 0
   # Global (all devices, all hosts) number of labelled images per step.
   c.batch_size = 8
@@ -268,12 +269,19 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
            "other)")
   _require(bool(d.labelled_list) or not d.unlabelled_list, "data.unlabelled_list",
            d.unlabelled_list, "a data.labelled_list beside it")
-  for key in ("total_steps", "batch_size", "log_every", "eval_every", "checkpoint_every",
+  _require(isinstance(config.total_epochs, int) and config.total_epochs >= 0, "total_epochs",
+           config.total_epochs, "an integer >= 0 (0 = use total_steps)")
+  _require(isinstance(config.total_steps, int) and config.total_steps >= 0, "total_steps",
+           config.total_steps, "an integer >= 0 (0 = derive it from total_epochs)")
+  _require((config.total_steps > 0) != (config.total_epochs > 0), "total_steps",
+           config.total_steps,
+           f"0 when total_epochs={config.total_epochs} is given, or > 0 with total_epochs=0: "
+           "the run's length in steps or in epochs, not both (to give steps to a config in "
+           "epochs: --config.total_epochs=0 --config.total_steps=N)")
+  for key in ("batch_size", "log_every", "eval_every", "checkpoint_every",
               "keep_checkpoints"):
     value = config[key]
     _require(isinstance(value, int) and value > 0, key, value, "a positive integer")
-  _require(isinstance(config.total_epochs, int) and config.total_epochs >= 0, "total_epochs",
-           config.total_epochs, "an integer >= 0 (0 = use total_steps)")
   _require(config.num_visualised >= 0, "num_visualised", config.num_visualised, "an integer >= 0")
   _require(config.batch_size % num_devices == 0, "batch_size", config.batch_size,
            f"a multiple of the number of devices ({num_devices})")

@@ -2,6 +2,7 @@
 §5): prototypes, representation-space labels, sampling and InfoNCE against NumPy, the target
 hook, 1 vs 8 devices, checkpointed prototypes, config errors."""
 
+import dataclasses
 import functools
 import os
 
@@ -294,11 +295,19 @@ def hook_outputs(tiny_model):
         batch_stats=variables["batch_stats"], teacher_variables=variables, weak_image=images,
         weak_valid=valid, targets=targets, rng=jax.random.key(0),
         step=jnp.zeros((), jnp.int32), num_classes=6)
-    return reps, prototypes, [contrastive._targets(ctx, cfg, aux) for cfg in cfgs]
+    outputs = [contrastive._targets(ctx, cfg, aux) for cfg in cfgs]
+    # CSS's warm-up: logit-space labels first, then the representation's.
+    warm = config.losses.contrastive.copy_and_resolve_references()
+    with warm.unlocked():
+      warm.warmup = 0.5
+    for step in (0, config.total_steps - 1):
+      outputs.append(contrastive._targets(
+          dataclasses.replace(ctx, step=jnp.asarray(step, jnp.int32)), warm, aux))
+    return reps, prototypes, outputs
 
   reps, prototypes, outputs = jax.device_get(hooks(variables, images, valid, before))
   return (jax.device_get(before), np.asarray(valid), reps, prototypes,
-          dict(zip(VARIANTS, outputs)))
+          dict(zip(list(VARIANTS) + ["warm", "after_warm"], outputs)))
 
 
 @pytest.mark.parametrize("cross, thresholded", VARIANTS)
@@ -478,3 +487,18 @@ def test_bad_contrastive_values_name_the_key(key, value):
     config.losses.contrastive[key] = value
   with pytest.raises(errors.ConfigError, match=rf"config\.losses\.contrastive\.{key}="):
     config_schema.validate(config)
+
+
+def test_warmup_trains_on_logit_labels_first_then_on_the_representations(hook_outputs):
+  before, v, _, _, outputs = hook_outputs
+  (warm, warm_metrics), (after, after_metrics) = outputs["warm"], outputs["after_warm"]
+  threshold = step_config().losses.contrastive.rep_threshold
+  share = ((before.confidence >= threshold) * v).sum((1, 2)) / v.sum((1, 2))
+  np.testing.assert_array_equal(warm.pseudo, before.pseudo)
+  np.testing.assert_allclose(warm.weight, 0.5 * share[:, None, None] * np.ones_like(v),
+                             rtol=1e-5)
+  assert warm_metrics["warmup"] == 1 and after_metrics["warmup"] == 0
+  # After the warm-up: exactly the cross-supervised targets.
+  plain, _ = outputs[(True, False)]
+  for field in ("pseudo", "confidence", "weight"):
+    np.testing.assert_array_equal(getattr(after, field), getattr(plain, field))

@@ -457,7 +457,8 @@ def test_unlabelled_stream_reads_real_files(trees):
 
 # ---- the command line -------------------------------------------------------------------
 
-TINY = ["--config.total_steps=2", "--config.log_every=1", "--config.eval_every=2",
+TINY = ["--config.total_epochs=0", "--config.total_steps=2", "--config.log_every=1",
+        "--config.eval_every=2",
         "--config.checkpoint_every=2", "--config.model.backbone=resnet18",
         "--config.model.width=8", "--config.model.aspp_channels=16",
         "--config.model.decoder_channels=16", "--config.data.crop_size=32",

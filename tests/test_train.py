@@ -235,7 +235,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 def test_total_epochs_derive_total_steps_from_the_data(tmp_path, method, expected):
   # 64 training images, half labelled; an epoch is a pass over the unlabelled set for a semi
   # method (16 per step here) and over the labelled set for supervised (8 per step).
-  config = tiny_config(method=method, total_epochs=2, unlabelled_batch_size=16)
+  config = tiny_config(method=method, total_epochs=2, total_steps=0, unlabelled_batch_size=16)
   run = train.Run(config, str(tmp_path))
   assert len(run.data.labelled_indices) == 32 and len(run.data.unlabelled_indices) == 32
   assert run.config.total_steps == expected
@@ -248,6 +248,14 @@ def test_total_epochs_derive_total_steps_from_the_data(tmp_path, method, expecte
 
 
 def test_total_epochs_without_a_full_batch_is_refused(tmp_path):
-  config = tiny_config(method="supervised", total_epochs=1, batch_size=40)
+  config = tiny_config(method="supervised", total_epochs=1, total_steps=0, batch_size=40)
   with pytest.raises(config_schema.ConfigError, match="config.total_epochs"):
     train.Run(config, str(tmp_path))
+
+
+def test_steps_and_epochs_together_are_refused():
+  # A --config.total_steps=N override of a config in epochs must not be ignored silently.
+  with pytest.raises(config_schema.ConfigError, match="config.total_steps=500.*total_epochs=0"):
+    config_schema.validate(tiny_config(total_epochs=80, total_steps=500))
+  with pytest.raises(config_schema.ConfigError, match="config.total_steps=0"):
+    config_schema.validate(tiny_config(total_epochs=0, total_steps=0))

@@ -351,8 +351,17 @@ def _targets(ctx: objective_lib.TargetContext, cfg, aux):
   }
   if not cfg.cross_supervision:
     return t, metrics
-  confidence = rep_confidence if cfg.threshold_rep_labels else jnp.ones_like(rep_confidence)
-  return method_base.Targets(pseudo=rep_labels, confidence=confidence,
+  labels, score = rep_labels, rep_confidence
+  if cfg.warmup > 0:
+    # CSS's --warmup: the first steps weight the logit-space labels the same way (per image,
+    # by the share of logit confidences >= rep_threshold), then switch to the representation's.
+    warm = ctx.step < int(cfg.warmup * ctx.config.total_steps)
+    labels = jnp.where(warm, logit_labels, rep_labels)
+    score = jnp.where(warm, logit_confidence, rep_confidence)
+    weights = image_weights(score, ctx.weak_valid, cfg.rep_threshold)
+    metrics["warmup"] = warm.astype(jnp.float32)
+  confidence = score if cfg.threshold_rep_labels else jnp.ones_like(score)
+  return method_base.Targets(pseudo=labels, confidence=confidence,
                              weight=t.weight * weights[:, None, None], logits=t.logits), metrics
 
 

@@ -24,6 +24,10 @@ def defaults() -> ml_collections.ConfigDict:
   # ablation "+ contrastive without cross supervision").
   c.cross_supervision = True
   c.rep_threshold = 0.97        # representation confidence counted in the per-image weight
+  # Share of total_steps at the start during which the cross-supervised CE uses the
+  # logit-space labels instead, weighted per image the same way (CSS's --warmup epochs:
+  # default 0, its README suggests 20 of 80); needs cross_supervision.
+  c.warmup = 0.0
   # False (CSS): every valid pixel of the representation-space labels trains (confidence set
   # to 1), weighted per image; True: semi.threshold also applies to the representation
   # confidence of each pixel.
@@ -56,6 +60,7 @@ def validate(config) -> None:
     require(0 <= cfg[key] <= 1, f"{name}.{key}", cfg[key], "a number in [0, 1]")
   for key in ("label_temperature", "temperature"):
     require(cfg[key] > 0, f"{name}.{key}", cfg[key], "a number > 0")
+  require(0 <= cfg.warmup < 1, f"{name}.warmup", cfg.warmup, "a share of total_steps in [0, 1)")
   require(0 <= cfg.prototype_momentum < 1, f"{name}.prototype_momentum",
           cfg.prototype_momentum, "a number in [0, 1)")
 
