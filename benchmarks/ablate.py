@@ -56,11 +56,11 @@ def summarise_run(records, total_steps):
     return None
   final = evals[-1]
   return {
-      "final_student": 100 * final["eval/student_miou"],
-      "final_teacher": 100 * final["eval/teacher_miou"],
-      "best_student": 100 * max(r["eval/student_miou"] for r in evals),
-      "best_teacher": 100 * max(r["eval/teacher_miou"] for r in evals),
-      "curve": [(r["step"], 100 * r["eval/teacher_miou"]) for r in evals],
+    "final_student": 100 * final["eval/student_miou"],
+    "final_teacher": 100 * final["eval/teacher_miou"],
+    "best_student": 100 * max(r["eval/student_miou"] for r in evals),
+    "best_teacher": 100 * max(r["eval/teacher_miou"] for r in evals),
+    "curve": [(r["step"], 100 * r["eval/teacher_miou"]) for r in evals],
   }
 
 
@@ -82,12 +82,14 @@ def mean_spread(values):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--run", action="append", required=True, help="LABEL=CONFIG [k=v ...]")
   parser.add_argument("--set", action="append", default=[], help="key=value for every run")
-  parser.add_argument("--no_run", action="store_true",
-                      help="tabulate the finished runs only; start nothing")
+  parser.add_argument(
+    "--no_run", action="store_true", help="tabulate the finished runs only; start nothing"
+  )
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--out", required=True)
   args = parser.parse_args()
@@ -131,17 +133,29 @@ def main():
           raise SystemExit(f"{workdir} finished without an evaluation at step {steps}")
       with open(timing_path) as f:
         wall = json.load(f)["wall_seconds"]
-      rows.append({"label": label, "seed": seed, "wall_seconds": wall,
-                   **{k: v for k, v in summary.items() if k != "curve"}})
+      rows.append(
+        {
+          "label": label,
+          "seed": seed,
+          "wall_seconds": wall,
+          **{k: v for k, v in summary.items() if k != "curve"},
+        }
+      )
       curves.setdefault(label, []).append(summary["curve"])
-      print(f"  {label} seed {seed}: final teacher {summary['final_teacher']:.2f}  "
-            f"best teacher {summary['best_teacher']:.2f}  ({wall:.0f}s)", flush=True)
+      print(
+        f"  {label} seed {seed}: final teacher {summary['final_teacher']:.2f}  "
+        f"best teacher {summary['best_teacher']:.2f}  ({wall:.0f}s)",
+        flush=True,
+      )
 
   metrics = ("final_student", "final_teacher", "best_student", "best_teacher")
-  lines = [f"Settings: {' '.join(common) or '(config defaults)'}; seeds {args.seeds}. "
-           "mIoU % as mean ± sample std over seeds.", "",
-           "| run | " + " | ".join(m.replace("_", " ") for m in metrics) + " | wall time/run |",
-           "|---|" + "---|" * (len(metrics) + 1)]
+  lines = [
+    f"Settings: {' '.join(common) or '(config defaults)'}; seeds {args.seeds}. "
+    "mIoU % as mean ± sample std over seeds.",
+    "",
+    "| run | " + " | ".join(m.replace("_", " ") for m in metrics) + " | wall time/run |",
+    "|---|" + "---|" * (len(metrics) + 1),
+  ]
   summary_rows = []
   for label, _, _ in runs:
     mine = [r for r in rows if r["label"] == label]
@@ -157,14 +171,18 @@ def main():
     wall_mean = np.mean([r["wall_seconds"] for r in mine])
     summary_row["wall_seconds"] = wall_mean
     summary_rows.append(summary_row)
-    lines.append(f"| {label} | " + " | ".join(cells) + f" | {wall_mean / 60:.1f} min"
-                 + (f" ({len(mine)} seeds)" if len(mine) != len(seeds) else "") + " |")
+    lines.append(
+      f"| {label} | "
+      + " | ".join(cells)
+      + f" | {wall_mean / 60:.1f} min"
+      + (f" ({len(mine)} seeds)" if len(mine) != len(seeds) else "")
+      + " |"
+    )
   table = "\n".join(lines)
   print("\n" + table)
   with open(os.path.join(args.out, "results.md"), "w") as f:
     f.write(table + "\n")
-  fields = ["label", "seed", "wall_seconds"] + [
-      x for m in metrics for x in (m, m + "_std")]
+  fields = ["label", "seed", "wall_seconds"] + [x for m in metrics for x in (m, m + "_std")]
   with open(os.path.join(args.out, "results.csv"), "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=fields, restval="")
     writer.writeheader()
@@ -176,6 +194,7 @@ def main():
 def plot(curves, path):
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   except ImportError:

@@ -30,9 +30,11 @@ _BATCH = flags.DEFINE_integer("batch", 8, "Images per batch of each stream.")
 _BATCHES = flags.DEFINE_integer("batches", 40, "Timed batches per setting (after one warm-up).")
 _WORKERS = flags.DEFINE_list("workers", ["0", "2"], "Worker process counts to time.")
 _STEP_SECONDS = flags.DEFINE_float(
-    "step_seconds", 2.5, "Median train-step time (benchmarks/train_step.py).")
+  "step_seconds", 2.5, "Median train-step time (benchmarks/train_step.py)."
+)
 _STEP_IMAGES = flags.DEFINE_integer(
-    "step_images", 2, "Labelled images per train step (the same again unlabelled if semi).")
+  "step_images", 2, "Labelled images per train step (the same again unlabelled if semi)."
+)
 
 
 def write_voc_like(root: str, count: int, seed: int = 0) -> None:
@@ -47,11 +49,10 @@ def write_voc_like(root: str, count: int, seed: int = 0) -> None:
     image = Image.fromarray(coarse).resize((width, height), Image.BILINEAR)
     noise = rng.normal(0, 8, (height, width, 3))
     pixels = np.clip(np.asarray(image, np.float32) + noise, 0, 255).astype(np.uint8)
-    Image.fromarray(pixels).save(os.path.join(root, "JPEGImages", f"{image_id}.jpg"),
-                                 quality=90)
+    Image.fromarray(pixels).save(os.path.join(root, "JPEGImages", f"{image_id}.jpg"), quality=90)
     mask = np.zeros((height, width), np.uint8)
     top, left = rng.integers(0, height // 2), rng.integers(0, width // 2)
-    mask[top:top + height // 3, left:left + width // 3] = rng.integers(1, 21)
+    mask[top : top + height // 3, left : left + width // 3] = rng.integers(1, 21)
     mask_image = Image.fromarray(mask, mode="P")
     mask_image.putpalette(voc.palette().reshape(-1).tolist())
     mask_image.save(os.path.join(root, "SegmentationClass", f"{image_id}.png"))
@@ -63,8 +64,14 @@ def write_voc_like(root: str, count: int, seed: int = 0) -> None:
 
 def images_per_second(source, indices, kind: str, num_workers: int) -> float:
   stream = pipeline.make_train_iterator(
-      source, indices, batch_size=_BATCH.value, crop_size=_CROP.value, seed=0, kind=kind,
-      num_workers=num_workers)
+    source,
+    indices,
+    batch_size=_BATCH.value,
+    crop_size=_CROP.value,
+    seed=0,
+    kind=kind,
+    num_workers=num_workers,
+  )
   next(stream)  # warm-up: worker start-up and the first read-ahead
   # Total time over many batches, not per-batch medians: those would time the read-ahead
   # buffers draining rather than the rate at which the pipeline fills them.
@@ -80,17 +87,22 @@ def main(argv):
     start = time.perf_counter()
     write_voc_like(root, _NUM_IMAGES.value)
     layout = voc.VocLayout(root)
-    entries = files.check_entries_exist(root, layout.train_entries(), on_bad_example="stop",
-                                        skipped=None)
+    entries = files.check_entries_exist(
+      root, layout.train_entries(), on_bad_example="stop", skipped=None
+    )
     source = layout.source(entries)
     indices = np.arange(len(source))
-    print(f"wrote {len(source)} VOC-like examples (~500x375 JPEG + PNG) in "
-          f"{time.perf_counter() - start:.1f} s; crop {_CROP.value}, batch {_BATCH.value}, "
-          f"{os.cpu_count()} CPU cores")
+    print(
+      f"wrote {len(source)} VOC-like examples (~500x375 JPEG + PNG) in "
+      f"{time.perf_counter() - start:.1f} s; crop {_CROP.value}, batch {_BATCH.value}, "
+      f"{os.cpu_count()} CPU cores"
+    )
     demand = _STEP_IMAGES.value / _STEP_SECONDS.value
-    print(f"train step demand: {demand:.2f} labelled images/s ({_STEP_IMAGES.value} per "
-          f"{_STEP_SECONDS.value:.2f} s step), {2 * demand:.2f} labelled + unlabelled "
-          "for a semi-supervised step")
+    print(
+      f"train step demand: {demand:.2f} labelled images/s ({_STEP_IMAGES.value} per "
+      f"{_STEP_SECONDS.value:.2f} s step), {2 * demand:.2f} labelled + unlabelled "
+      "for a semi-supervised step"
+    )
     print(f"{'stream':<12}{'workers':>8}{'images/s':>10}{'x demand':>10}")
     for kind in ("labelled", "unlabelled"):
       for workers in (int(w) for w in _WORKERS.value):

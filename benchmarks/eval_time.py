@@ -48,9 +48,11 @@ def _write_fake_voc(root: str, count: int, seed: int = 0) -> None:
     else:
       h, w = int(rng.integers(200, 501)), 500
     Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
-        os.path.join(root, "JPEGImages", f"{image_id}.jpg"))
+      os.path.join(root, "JPEGImages", f"{image_id}.jpg")
+    )
     Image.fromarray(rng.integers(0, 21, (h, w)).astype(np.uint8), mode="L").save(
-        os.path.join(root, "SegmentationClass", f"{image_id}.png"))
+      os.path.join(root, "SegmentationClass", f"{image_id}.png")
+    )
   sets = os.path.join(root, "ImageSets", "Segmentation")
   with open(os.path.join(sets, "train.txt"), "w") as f:
     f.write("\n".join(ids[:2]) + "\n")
@@ -74,9 +76,11 @@ def main(argv):
   state = state_lib.init_on_mesh(model, tx, mesh, (1, 64, 64, 3), seed=0)
   eval_step = step_lib.make_eval_step(model, config, data.num_classes, mesh)
   batches = pipeline.make_eval_batches(data.val_source, global_batch_size=config.eval.batch_size)
-  print(f"validation: {len(data.val_source)} images, {batches.num_shapes} distinct sizes, "
-        f"{len(batches)} batches of {config.eval.batch_size} "
-        f"({config.model.backbone}, {mesh.size} device(s), {jax.devices()[0].platform})")
+  print(
+    f"validation: {len(data.val_source)} images, {batches.num_shapes} distinct sizes, "
+    f"{len(batches)} batches of {config.eval.batch_size} "
+    f"({config.model.backbone}, {mesh.size} device(s), {jax.devices()[0].platform})"
+  )
   for label in ("cold (compiles each size)", "warm"):
     t0 = time.perf_counter()
     total = None

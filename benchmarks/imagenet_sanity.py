@@ -46,8 +46,9 @@ def load_image(path: str) -> np.ndarray:
     raise UserInputError(f"{path}: cannot be read as an image ({e}).") from None
   width, height = image.size
   scale = RESIZE / min(width, height)
-  image = image.resize((max(CROP, round(width * scale)), max(CROP, round(height * scale))),
-                       Image.BICUBIC)
+  image = image.resize(
+    (max(CROP, round(width * scale)), max(CROP, round(height * scale))), Image.BICUBIC
+  )
   left, top = (image.size[0] - CROP) // 2, (image.size[1] - CROP) // 2
   return np.asarray(image.crop((left, top, left + CROP, top + CROP)), np.uint8)
 
@@ -69,13 +70,14 @@ def main(argv=None) -> int:
   probabilities = np.asarray(classify(variables, pixels))
   seconds = time.perf_counter() - start
   print(f"weights: {weights}")
-  print("classes are ImageNet-1k indices (the weights ship no names; see this script's "
-        "docstring)")
+  print("classes are ImageNet-1k indices (the weights ship no names; see this script's docstring)")
   for path, p in zip(args.images, probabilities):
     top = np.argsort(-p)[:5]
     print(f"{path}: " + ", ".join(f"{int(k)} ({100 * p[k]:.1f}%)" for k in top))
-  print(f"({len(args.images)} images, {seconds:.1f} s including compilation, "
-        f"{jax.devices()[0].platform})")
+  print(
+    f"({len(args.images)} images, {seconds:.1f} s including compilation, "
+    f"{jax.devices()[0].platform})"
+  )
   return 0
 
 

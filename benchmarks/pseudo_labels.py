@@ -54,8 +54,7 @@ def per_threshold_confusions(run, state, source, thresholds, max_images):
       out.append(evaluate.confusion_matrix(pseudo, jnp.where(confidence >= t, labels, 255), k))
     return out
 
-  batches = pipeline.make_eval_batches(
-      source, global_batch_size=run.config.eval.batch_size)
+  batches = pipeline.make_eval_batches(source, global_batch_size=run.config.eval.batch_size)
   totals, seen = None, 0
   for local in batches:
     if seen >= max_images:
@@ -88,27 +87,38 @@ def main():
   except UserInputError as e:
     raise SystemExit(f"error: {e}") from None
   if run.data.unlabelled_has_masks and len(run.data.unlabelled_indices):
-    source, where = (pipeline.SubsetSource(run.data.train_source, run.data.unlabelled_indices),
-                     "unlabelled training images")
+    source, where = (
+      pipeline.SubsetSource(run.data.train_source, run.data.unlabelled_indices),
+      "unlabelled training images",
+    )
   else:
     source, where = run.data.val_source, "validation images (no masks for unlabelled ones)"
-  overall, confident, seen = per_threshold_confusions(run, state, source, thresholds,
-                                                      args.max_images)
+  overall, confident, seen = per_threshold_confusions(
+    run, state, source, thresholds, args.max_images
+  )
   step = int(jax.device_get(state.step))
   names = run.data.class_names
   print(f"{args.workdir}: teacher at step {step}, {seen} {where}")
-  print(f"teacher accuracy on all pixels: {pct(np.trace(overall), overall.sum())} %, "
-        f"mIoU {100 * evaluate.iou_from_confusion(overall)['miou']:.1f}")
-  header = "| threshold | confident % | precision % | " + " | ".join(
-      f"{n} cov/prec" for n in names) + " |"
+  print(
+    f"teacher accuracy on all pixels: {pct(np.trace(overall), overall.sum())} %, "
+    f"mIoU {100 * evaluate.iou_from_confusion(overall)['miou']:.1f}"
+  )
+  header = (
+    "| threshold | confident % | precision % | " + " | ".join(f"{n} cov/prec" for n in names) + " |"
+  )
   print(header)
   print("|" + "---|" * (3 + len(names)))
   gt_pixels = overall.sum(1)
   for t, conf in confident.items():
-    cells = [f"{pct(conf[c, c], gt_pixels[c])} / {pct(conf[c, c], conf[:, c].sum())}"
-             for c in range(len(names))]
-    print(f"| {t:g} | {pct(conf.sum(), overall.sum())} | {pct(np.trace(conf), conf.sum())} | "
-          + " | ".join(cells) + " |")
+    cells = [
+      f"{pct(conf[c, c], gt_pixels[c])} / {pct(conf[c, c], conf[:, c].sum())}"
+      for c in range(len(names))
+    ]
+    print(
+      f"| {t:g} | {pct(conf.sum(), overall.sum())} | {pct(np.trace(conf), conf.sum())} | "
+      + " | ".join(cells)
+      + " |"
+    )
 
 
 if __name__ == "__main__":

@@ -39,9 +39,12 @@ from s4jax.models import segmenter
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (after one warm-up step).")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 21, "Classes of the segmentation head.")
-_CONFIG_B = config_flags.DEFINE_config_file("config_b", None, "A second config for an A/B "
-                                            "comparison (alternated with --config).",
-                                            lock_config=True)
+_CONFIG_B = config_flags.DEFINE_config_file(
+  "config_b",
+  None,
+  "A second config for an A/B comparison (alternated with --config).",
+  lock_config=True,
+)
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "A/B: alternations of --steps steps each.")
 
 
@@ -63,8 +66,10 @@ def encoder_images(config):
 def random_batch(config, rng):
   """A host batch with the keys the train step of this config reads."""
   n, c = config.batch_size, config.data.crop_size
-  batch = {"image": rng.integers(0, 256, (n, c, c, 3), dtype=np.uint8),
-           "mask": rng.integers(0, _NUM_CLASSES.value, (n, c, c), dtype=np.uint8)}
+  batch = {
+    "image": rng.integers(0, 256, (n, c, c, 3), dtype=np.uint8),
+    "mask": rng.integers(0, _NUM_CLASSES.value, (n, c, c), dtype=np.uint8),
+  }
   if config.method != "supervised":
     nu = config_schema.unlabelled_batch_size(config)
     batch["u_image"] = rng.integers(0, 256, (nu, c, c, 3), dtype=np.uint8)
@@ -74,13 +79,19 @@ def random_batch(config, rng):
 
 def compile_step(config, mesh):
   """(compiled step, state, batch, compile seconds, memory analysis, cost analysis)."""
-  model = segmenter.build_segmenter(config.model, _NUM_CLASSES.value,
-                                    aux_heads=registry.required_heads(config))
+  model = segmenter.build_segmenter(
+    config.model, _NUM_CLASSES.value, aux_heads=registry.required_heads(config)
+  )
   tx = optim.make_optimizer(config.optim, config.total_steps)
   crop = config.data.crop_size
-  state = state_lib.init_on_mesh(model, tx, mesh, (1, crop, crop, 3), seed=0,
-                                 aux=registry.init_aux(config, _NUM_CLASSES.value,
-                                                     segmenter.feature_widths(model)))
+  state = state_lib.init_on_mesh(
+    model,
+    tx,
+    mesh,
+    (1, crop, crop, 3),
+    seed=0,
+    aux=registry.init_aux(config, _NUM_CLASSES.value, segmenter.feature_widths(model)),
+  )
   batch = sharding.host_to_global(random_batch(config, np.random.default_rng(0)), mesh)
   train_step = step_lib.make_train_step(model, tx, config, mesh)
   t0 = time.perf_counter()
@@ -107,39 +118,57 @@ def time_steps(compiled, state, batch, steps: int):
 
 def images_per_step(config) -> int:
   n = config.batch_size
-  return n + (config_schema.unlabelled_batch_size(config) if config.method != "supervised"
-              else 0)
+  return n + (config_schema.unlabelled_batch_size(config) if config.method != "supervised" else 0)
 
 
 def report(config, mesh, compile_s, times, mem, cost) -> None:
   median = statistics.median(times)
   crop = config.data.crop_size
-  print(f"config: method={config.method} backbone={config.model.backbone} "
-        f"width={config.model.width} crop={crop} batch={config.batch_size} "
-        f"dtype={config.model.dtype} "
-        f"devices={mesh.size} ({jax.devices()[0].platform})")
+  print(
+    f"config: method={config.method} backbone={config.model.backbone} "
+    f"width={config.model.width} crop={crop} batch={config.batch_size} "
+    f"dtype={config.model.dtype} "
+    f"devices={mesh.size} ({jax.devices()[0].platform})"
+  )
   objectives = [o.name for o, _ in registry.enabled(config)]
   train_mode, extra, teacher = encoder_images(config)
-  print(f"objectives: {', '.join(objectives) or 'none'}; images through the encoder per step: "
-        f"{train_mode} student train-mode + {extra} objective extra + {teacher} teacher")
+  print(
+    f"objectives: {', '.join(objectives) or 'none'}; images through the encoder per step: "
+    f"{train_mode} student train-mode + {extra} objective extra + {teacher} teacher"
+  )
   print(f"compile time      {compile_s:8.2f} s")
-  print(f"median step time  {median:8.3f} s   (min {min(times):.3f}, max {max(times):.3f}, "
-        f"{len(times)} steps)")
-  unlabelled = (f" + {config_schema.unlabelled_batch_size(config) / median:.2f} unlabelled"
-                if config.method != "supervised" else "")
-  print(f"throughput        {images_per_step(config) / median:8.2f} images/s   "
-        f"({config.batch_size / median:.2f} labelled{unlabelled})")
+  print(
+    f"median step time  {median:8.3f} s   (min {min(times):.3f}, max {max(times):.3f}, "
+    f"{len(times)} steps)"
+  )
+  unlabelled = (
+    f" + {config_schema.unlabelled_batch_size(config) / median:.2f} unlabelled"
+    if config.method != "supervised"
+    else ""
+  )
+  print(
+    f"throughput        {images_per_step(config) / median:8.2f} images/s   "
+    f"({config.batch_size / median:.2f} labelled{unlabelled})"
+  )
   flops = cost.get("flops")
   if flops:
-    print(f"XLA cost          {flops / 1e9:8.1f} GFLOP/step, "
-          f"{cost.get('bytes accessed', 0) / 2**30:.2f} GiB accessed/step, "
-          f"{flops / 1e9 / median:.1f} GFLOP/s achieved")
+    print(
+      f"XLA cost          {flops / 1e9:8.1f} GFLOP/step, "
+      f"{cost.get('bytes accessed', 0) / 2**30:.2f} GiB accessed/step, "
+      f"{flops / 1e9 / median:.1f} GFLOP/s achieved"
+    )
   if mem is not None:
-    total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-             - mem.alias_size_in_bytes)
-    print(f"XLA memory        {total / 2**30:8.2f} GiB   (arguments "
-          f"{mem.argument_size_in_bytes / 2**30:.2f}, temporaries "
-          f"{mem.temp_size_in_bytes / 2**30:.2f})")
+    total = (
+      mem.argument_size_in_bytes
+      + mem.output_size_in_bytes
+      + mem.temp_size_in_bytes
+      - mem.alias_size_in_bytes
+    )
+    print(
+      f"XLA memory        {total / 2**30:8.2f} GiB   (arguments "
+      f"{mem.argument_size_in_bytes / 2**30:.2f}, temporaries "
+      f"{mem.temp_size_in_bytes / 2**30:.2f})"
+    )
 
 
 def main(argv):
@@ -164,9 +193,11 @@ def main(argv):
     report(config, mesh, compile_s, times_a, mem, cost)
     print("== B ==")
     report(config_b, mesh, compile_b, times_b, mem_b, cost_b)
-    print(f"B/A step time     {statistics.median(ratios):8.3f}   (per round: "
-          f"{', '.join(f'{r:.3f}' for r in ratios)}; {_ROUNDS.value} alternations of "
-          f"{_STEPS.value} steps)")
+    print(
+      f"B/A step time     {statistics.median(ratios):8.3f}   (per round: "
+      f"{', '.join(f'{r:.3f}' for r in ratios)}; {_ROUNDS.value} alternations of "
+      f"{_STEPS.value} steps)"
+    )
   peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
   print(f"peak process RSS  {peak_rss_gib:8.2f} GiB")
 

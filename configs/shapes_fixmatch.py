@@ -1,6 +1,6 @@
 """FixMatch on shapes: one strong view, EMA teacher pseudo-labels (threshold 0.95).
 
-  python -m s4jax.main --config=configs/shapes_fixmatch.py --workdir=runs/shapes_fixmatch
+python -m s4jax.main --config=configs/shapes_fixmatch.py --workdir=runs/shapes_fixmatch
 """
 
 from s4jax import config_schema

@@ -1,6 +1,6 @@
 """Supervised-only baseline on the embedded shapes dataset: the demo (no downloads).
 
-  python -m s4jax.main --config=configs/shapes_supervised.py --workdir=runs/demo
+python -m s4jax.main --config=configs/shapes_supervised.py --workdir=runs/demo
 """
 
 from s4jax import config_schema

@@ -1,6 +1,6 @@
 """UniMatch (V1) on shapes: feature perturbation + two strong views.
 
-  python -m s4jax.main --config=configs/shapes_unimatch.py --workdir=runs/u
+python -m s4jax.main --config=configs/shapes_unimatch.py --workdir=runs/u
 """
 
 from s4jax import config_schema

@@ -1,6 +1,6 @@
 """UniMatch V2 on shapes: two strong views with complementary channel dropout.
 
-  python -m s4jax.main --config=configs/shapes_unimatch_v2.py --workdir=runs/u2
+python -m s4jax.main --config=configs/shapes_unimatch_v2.py --workdir=runs/u2
 """
 
 from s4jax import config_schema

@@ -30,11 +30,11 @@ def get_config():
   c.num_negatives = 512
   c.temperature = 0.5
   c.label_temperature = 0.5
-  c.rep_threshold = 0.97         # CSS's un_threshold
+  c.rep_threshold = 0.97  # CSS's un_threshold
   c.weak_threshold = 0.7
-  c.anchor_threshold = 0.8       # CSS's strong_threshold (cross_label.py)
+  c.anchor_threshold = 0.8  # CSS's strong_threshold (cross_label.py)
   c.prototype_momentum = 0.99
-  c.rampdown = 5.0               # CSS's ramp_mult -5 over the whole run
+  c.rampdown = 5.0  # CSS's ramp_mult -5 over the whole run
   c.strong_views = 1
   c.class_chunk = 1
   return config

@@ -107,10 +107,10 @@ def color_jitter(key, image, brightness, contrast, saturation, hue):
     return jax.random.uniform(k, (), minval=max(0.0, 1.0 - amount), maxval=1.0 + amount)
 
   ops = (
-      lambda x: adjust_brightness(x, factor(kb, brightness)),
-      lambda x: adjust_contrast(x, factor(kc, contrast)),
-      lambda x: adjust_saturation(x, factor(ks, saturation)),
-      lambda x: adjust_hue(x, jax.random.uniform(kh, (), minval=-hue, maxval=hue)),
+    lambda x: adjust_brightness(x, factor(kb, brightness)),
+    lambda x: adjust_contrast(x, factor(kc, contrast)),
+    lambda x: adjust_saturation(x, factor(ks, saturation)),
+    lambda x: adjust_hue(x, jax.random.uniform(kh, (), minval=-hue, maxval=hue)),
   )
   order = jax.random.permutation(kp, 4)
   for position in range(4):
@@ -133,8 +133,8 @@ def gaussian_blur(image, sigma, radius: int):
   padded = jnp.pad(image, ((radius, radius), (radius, radius), (0, 0)), mode="edge")
   h, w = image.shape[0], image.shape[1]
   # Shifted weighted sums: 2 * (2r + 1) fused multiply-adds, no convolution layout games.
-  rows = sum(kernel[i] * padded[i:i + h, :, :] for i in range(2 * radius + 1))
-  return sum(kernel[i] * rows[:, i:i + w, :] for i in range(2 * radius + 1))
+  rows = sum(kernel[i] * padded[i : i + h, :, :] for i in range(2 * radius + 1))
+  return sum(kernel[i] * rows[:, i : i + w, :] for i in range(2 * radius + 1))
 
 
 def strong_photometric(key, image, cfg):
@@ -150,8 +150,9 @@ def strong_photometric(key, image, cfg):
   lo, hi = cfg.blur_sigma
   sigma = jax.random.uniform(k_bs, (), minval=lo, maxval=hi)
   radius = int(math.ceil(3.0 * hi))
-  image = jnp.where(jax.random.uniform(k_bp) < cfg.blur_p, gaussian_blur(image, sigma, radius),
-                    image)
+  image = jnp.where(
+    jax.random.uniform(k_bp) < cfg.blur_p, gaussian_blur(image, sigma, radius), image
+  )
   return image
 
 

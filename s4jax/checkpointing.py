@@ -93,9 +93,13 @@ def _files_under(folder: str) -> list[str]:
 
 def write_manifest(step_dir: str) -> None:
   """Writes the size and sha256 of every file of a finished checkpoint, atomically."""
-  files = {rel: {"size": os.path.getsize(os.path.join(step_dir, rel)),
-                 "sha256": _sha256(os.path.join(step_dir, rel))}
-           for rel in _files_under(step_dir)}
+  files = {
+    rel: {
+      "size": os.path.getsize(os.path.join(step_dir, rel)),
+      "sha256": _sha256(os.path.join(step_dir, rel)),
+    }
+    for rel in _files_under(step_dir)
+  }
   path = os.path.join(step_dir, MANIFEST_NAME)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
@@ -145,8 +149,9 @@ class Checkpointer:
   `read_only=True` (evaluation, export) creates nothing and never moves a folder.
   """
 
-  def __init__(self, workdir: str, *, keep: int, iterator_names=("labelled",),
-               read_only: bool = False):
+  def __init__(
+    self, workdir: str, *, keep: int, iterator_names=("labelled",), read_only: bool = False
+  ):
     self.workdir = os.path.abspath(workdir)
     self.read_only = read_only
     self.is_writer = jax.process_index() == 0
@@ -156,15 +161,19 @@ class Checkpointer:
       handlers[f"data_{name}"] = grain.checkpoint.CheckpointHandler()
     # cleanup_tmp_directories: a save cut short by `kill -9` leaves `<step>.orbax-checkpoint-tmp`
     # (a full checkpoint's size); the next start removes it.
-    options = dict(create=not read_only, cleanup_tmp_directories=not read_only,
-                   enable_async_checkpointing=True)
+    options = dict(
+      create=not read_only, cleanup_tmp_directories=not read_only, enable_async_checkpointing=True
+    )
     self._latest = ocp.CheckpointManager(
-        os.path.join(self.workdir, "checkpoints"), item_handlers=handlers,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, **options))
+      os.path.join(self.workdir, "checkpoints"),
+      item_handlers=handlers,
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, **options),
+    )
     self._best = ocp.CheckpointManager(
-        os.path.join(self.workdir, "best"),
-        item_handlers={"state": ocp.StandardCheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(max_to_keep=1, **options))
+      os.path.join(self.workdir, "best"),
+      item_handlers={"state": ocp.StandardCheckpointHandler()},
+      options=ocp.CheckpointManagerOptions(max_to_keep=1, **options),
+    )
     self._best_record_path = os.path.join(self.workdir, "best", BEST_RECORD_NAME)
     # Steps saved by this process whose checksum list is not written yet, per manager.
     self._unsealed = {"latest": [], "best": []}
@@ -212,8 +221,9 @@ class Checkpointer:
     if self._latest.save(step, args=ocp.args.Composite(**items)):
       self._unsealed["latest"].append(step)
 
-  def restore_latest(self, state_template, iterators: dict[str, Any], *,
-                     set_aside_damaged: bool = False):
+  def restore_latest(
+    self, state_template, iterators: dict[str, Any], *, set_aside_damaged: bool = False
+  ):
     """Restores the newest intact checkpoint into the template's shardings; None if there is
     none. The iterators are restored in place (they continue with the next unseen batch).
 
@@ -228,15 +238,20 @@ class Checkpointer:
         damaged.append((step, str(e)))
         continue
       if damaged:
-        self._report_damaged(self._latest, damaged, set_aside_damaged,
-                             f"restored step {step}, the newest intact checkpoint")
+        self._report_damaged(
+          self._latest,
+          damaged,
+          set_aside_damaged,
+          f"restored step {step}, the newest intact checkpoint",
+        )
       return state
     if damaged:
       where = str(self._latest.directory)
       listed = "; ".join(f"step {s}: {why}" for s, why in damaged)
       raise CheckpointDamagedError(
-          f"No intact checkpoint in {where} ({listed}). Nothing was changed. Restore the "
-          f"files from a copy, or move {where} away to start this run from step 0.")
+        f"No intact checkpoint in {where} ({listed}). Nothing was changed. Restore the "
+        f"files from a copy, or move {where} away to start this run from step 0."
+      )
     return None
 
   def restore_step(self, step: int, state_template):
@@ -247,8 +262,9 @@ class Checkpointer:
       return self._restore(self._latest, step, state_template, {})
     except _Damaged as e:
       raise CheckpointDamagedError(
-          f"The checkpoint {self._step_dir(self._latest, step)} is damaged ({e}). Evaluate "
-          "another one (--which=latest skips damaged checkpoints).") from None
+        f"The checkpoint {self._step_dir(self._latest, step)} is damaged ({e}). Evaluate "
+        "another one (--which=latest skips damaged checkpoints)."
+      ) from None
 
   # ---- best -----------------------------------------------------------------------------
   def best_step(self) -> int | None:
@@ -272,8 +288,7 @@ class Checkpointer:
     if step in self._best.all_steps():
       # A resumed run evaluating a step again: orbax does not write over a step.
       self._best.delete(step)
-    self._best.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_model_only(state))))
+    self._best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_model_only(state))))
     self._unsealed["best"].append(step)
     self._pending_record = {"step": int(step), "metric": metric_name, "value": float(value)}
     return True
@@ -288,8 +303,9 @@ class Checkpointer:
       return self._restore(self._best, step, state_template, {})
     except _Damaged as e:
       raise CheckpointDamagedError(
-          f"The best checkpoint {self._step_dir(self._best, step)} is damaged ({e}). "
-          "Evaluate another one: --which=latest or --which=STEP.") from None
+        f"The best checkpoint {self._step_dir(self._best, step)} is damaged ({e}). "
+        "Evaluate another one: --which=latest or --which=STEP."
+      ) from None
 
   def set_aside_damaged_best(self) -> None:
     """When resuming: a damaged best/ is moved to damaged/ and its record dropped, so the next
@@ -300,8 +316,9 @@ class Checkpointer:
     problem = damage(self._step_dir(self._best, step))
     if problem is None:
       return
-    self._report_damaged(self._best, [(step, problem)], True,
-                         "the next evaluation saves a new best")
+    self._report_damaged(
+      self._best, [(step, problem)], True, "the next evaluation saves a new best"
+    )
     if self.is_writer and os.path.exists(self._best_record_path):
       os.remove(self._best_record_path)
 
@@ -366,16 +383,20 @@ class Checkpointer:
     if missing or extra or wrong:
       lines = []
       if missing:
-        lines.append(f"  missing in the checkpoint: {', '.join(missing[:5])}"
-                     + (" ..." if len(missing) > 5 else ""))
+        lines.append(
+          f"  missing in the checkpoint: {', '.join(missing[:5])}"
+          + (" ..." if len(missing) > 5 else "")
+        )
       if extra:
-        lines.append(f"  only in the checkpoint: {', '.join(extra[:5])}"
-                     + (" ..." if len(extra) > 5 else ""))
+        lines.append(
+          f"  only in the checkpoint: {', '.join(extra[:5])}" + (" ..." if len(extra) > 5 else "")
+        )
       for k in wrong[:5]:
         lines.append(f"  {k}: checkpoint shape {saved[k]}, model shape {expected[k]}")
       raise CheckpointMismatchError(
-          f"The checkpoint at {where} was written by a different model than the config "
-          "builds:\n" + "\n".join(lines) + "\nUse the config that wrote it, or another --workdir.")
+        f"The checkpoint at {where} was written by a different model than the config "
+        "builds:\n" + "\n".join(lines) + "\nUse the config that wrote it, or another --workdir."
+      )
 
   def wait(self) -> None:
     """Waits until every save is complete on disk, with its checksum list."""

@@ -17,7 +17,7 @@ from absl import logging
 
 from s4jax.errors import ConfigError
 
-SETTINGS_HELP = ('"auto" (a user cache directory), "off", or a directory')
+SETTINGS_HELP = '"auto" (a user cache directory), "off", or a directory'
 
 
 def default_directory() -> str:
@@ -32,8 +32,10 @@ def enable(setting: str = "auto") -> str | None:
     return None
   if setting == "auto":
     if jax.default_backend() == "cpu" and jax.device_count() > 1:
-      logging.info("Compilation cache off: XLA:CPU with %d devices (see "
-                   "s4jax/compilation_cache.py).", jax.device_count())
+      logging.info(
+        "Compilation cache off: XLA:CPU with %d devices (see s4jax/compilation_cache.py).",
+        jax.device_count(),
+      )
       return None
     directory = default_directory()
   elif setting:
@@ -43,8 +45,10 @@ def enable(setting: str = "auto") -> str | None:
   try:
     os.makedirs(directory, exist_ok=True)
   except OSError as e:
-    raise ConfigError(f"--compilation_cache: cannot create {directory} ({e}); give another "
-                      "directory or --compilation_cache=off.") from None
+    raise ConfigError(
+      f"--compilation_cache: cannot create {directory} ({e}); give another "
+      "directory or --compilation_cache=off."
+    ) from None
   jax.config.update("jax_compilation_cache_dir", directory)
   # Cache every program that took a second or more to compile (the default), of any size.
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

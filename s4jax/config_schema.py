@@ -218,132 +218,248 @@ def default_config() -> ml_collections.ConfigDict:
 _require = require
 
 
-def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
-             process_count: int = 1) -> None:
+def validate(
+  config: ml_collections.ConfigDict, *, num_devices: int = 1, process_count: int = 1
+) -> None:
   """Raises ConfigError for the first value that cannot work."""
   m, d, o, e = config.model, config.data, config.optim, config.eval
   _require(m.backbone in BACKBONES, "model.backbone", m.backbone, f"one of {BACKBONES}")
   if m.backbone in BACKBONES:
     strides = BACKBONE_OUTPUT_STRIDES[m.backbone]
-    _require(m.output_stride in strides, "model.output_stride", m.output_stride,
-             f"one of {strides} for {m.backbone}")
+    _require(
+      m.output_stride in strides,
+      "model.output_stride",
+      m.output_stride,
+      f"one of {strides} for {m.backbone}",
+    )
   _require(0 <= m.aspp_dropout < 1, "model.aspp_dropout", m.aspp_dropout, "a number in [0, 1)")
   _require(m.dtype in COMPUTE_DTYPES, "model.dtype", m.dtype, f"one of {COMPUTE_DTYPES}")
   for key in ("width", "aspp_channels", "decoder_channels"):
     value = m[key]
     _require(isinstance(value, int) and value > 0, f"model.{key}", value, "a positive integer")
   _require(d.name in DATASETS, "data.name", d.name, f"one of {DATASETS}")
-  _require(isinstance(d.crop_size, int) and d.crop_size > 0, "data.crop_size", d.crop_size,
-           "a positive integer")
-  _require(0.0 < d.labelled_fraction <= 1.0, "data.labelled_fraction", d.labelled_fraction,
-           "a number in (0, 1]")
+  _require(
+    isinstance(d.crop_size, int) and d.crop_size > 0,
+    "data.crop_size",
+    d.crop_size,
+    "a positive integer",
+  )
+  _require(
+    0.0 < d.labelled_fraction <= 1.0,
+    "data.labelled_fraction",
+    d.labelled_fraction,
+    "a number in (0, 1]",
+  )
   lo, hi = d.scale_range
-  _require(0 < lo <= hi, "data.scale_range", tuple(d.scale_range),
-           "(low, high) with 0 < low <= high")
+  _require(
+    0 < lo <= hi, "data.scale_range", tuple(d.scale_range), "(low, high) with 0 < low <= high"
+  )
   _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "an integer >= 0")
   if d.name == "shapes":
     for key in ("num_train", "num_val", "image_size"):
-      _require(isinstance(d[key], int) and d[key] > 0, f"data.{key}", d[key],
-               "a positive integer")
+      _require(isinstance(d[key], int) and d[key] > 0, f"data.{key}", d[key], "a positive integer")
   _require(d.source in DATA_SOURCES, "data.source", d.source, f"one of {DATA_SOURCES}")
-  _require(d.on_bad_example in ON_BAD_EXAMPLE, "data.on_bad_example", d.on_bad_example,
-           f"one of {ON_BAD_EXAMPLE}")
+  _require(
+    d.on_bad_example in ON_BAD_EXAMPLE,
+    "data.on_bad_example",
+    d.on_bad_example,
+    f"one of {ON_BAD_EXAMPLE}",
+  )
   sh = d.shapes
   lo, hi = sh.objects
-  _require(isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi, "data.shapes.objects",
-           tuple(sh.objects), "(min, max) integers with 1 <= min <= max")
+  _require(
+    isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi,
+    "data.shapes.objects",
+    tuple(sh.objects),
+    "(min, max) integers with 1 <= min <= max",
+  )
   lo, hi = sh.radius
-  _require(0 < lo <= hi <= 0.5, "data.shapes.radius", tuple(sh.radius),
-           "(min, max) fractions of the image side with 0 < min <= max <= 0.5")
-  _require(0 <= sh.max_rotation <= 180, "data.shapes.max_rotation", sh.max_rotation,
-           "degrees in [0, 180]")
+  _require(
+    0 < lo <= hi <= 0.5,
+    "data.shapes.radius",
+    tuple(sh.radius),
+    "(min, max) fractions of the image side with 0 < min <= max <= 0.5",
+  )
+  _require(
+    0 <= sh.max_rotation <= 180, "data.shapes.max_rotation", sh.max_rotation, "degrees in [0, 180]"
+  )
   if d.name != "shapes":
     if d.source == "tfds":
-      _require(bool(d.tfds_dir), "data.tfds_dir", d.tfds_dir,
-               "the directory given to `python -m s4jax.data.prepare --out=...`")
+      _require(
+        bool(d.tfds_dir),
+        "data.tfds_dir",
+        d.tfds_dir,
+        "the directory given to `python -m s4jax.data.prepare --out=...`",
+      )
     else:
-      _require(bool(d.root), "data.root", d.root,
-               f"the directory of the {d.name} dataset (layouts: README.md, 'Real datasets')")
-  _require(not (d.split and d.labelled_list), "data.split", d.split,
-           f"no named split when data.labelled_list={d.labelled_list!r} is given (one or the "
-           "other)")
-  _require(bool(d.labelled_list) or not d.unlabelled_list, "data.unlabelled_list",
-           d.unlabelled_list, "a data.labelled_list beside it")
-  _require(isinstance(config.total_epochs, int) and config.total_epochs >= 0, "total_epochs",
-           config.total_epochs, "an integer >= 0 (0 = use total_steps)")
-  _require(isinstance(config.total_steps, int) and config.total_steps >= 0, "total_steps",
-           config.total_steps, "an integer >= 0 (0 = derive it from total_epochs)")
-  _require((config.total_steps > 0) != (config.total_epochs > 0), "total_steps",
-           config.total_steps,
-           f"0 when total_epochs={config.total_epochs} is given, or > 0 with total_epochs=0: "
-           "the run's length in steps or in epochs, not both (to give steps to a config in "
-           "epochs: --config.total_epochs=0 --config.total_steps=N)")
-  for key in ("batch_size", "log_every", "eval_every", "checkpoint_every",
-              "keep_checkpoints"):
+      _require(
+        bool(d.root),
+        "data.root",
+        d.root,
+        f"the directory of the {d.name} dataset (layouts: README.md, 'Real datasets')",
+      )
+  _require(
+    not (d.split and d.labelled_list),
+    "data.split",
+    d.split,
+    f"no named split when data.labelled_list={d.labelled_list!r} is given (one or the other)",
+  )
+  _require(
+    bool(d.labelled_list) or not d.unlabelled_list,
+    "data.unlabelled_list",
+    d.unlabelled_list,
+    "a data.labelled_list beside it",
+  )
+  _require(
+    isinstance(config.total_epochs, int) and config.total_epochs >= 0,
+    "total_epochs",
+    config.total_epochs,
+    "an integer >= 0 (0 = use total_steps)",
+  )
+  _require(
+    isinstance(config.total_steps, int) and config.total_steps >= 0,
+    "total_steps",
+    config.total_steps,
+    "an integer >= 0 (0 = derive it from total_epochs)",
+  )
+  _require(
+    (config.total_steps > 0) != (config.total_epochs > 0),
+    "total_steps",
+    config.total_steps,
+    f"0 when total_epochs={config.total_epochs} is given, or > 0 with total_epochs=0: "
+    "the run's length in steps or in epochs, not both (to give steps to a config in "
+    "epochs: --config.total_epochs=0 --config.total_steps=N)",
+  )
+  for key in ("batch_size", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
     value = config[key]
     _require(isinstance(value, int) and value > 0, key, value, "a positive integer")
   _require(config.num_visualised >= 0, "num_visualised", config.num_visualised, "an integer >= 0")
-  _require(config.batch_size % num_devices == 0, "batch_size", config.batch_size,
-           f"a multiple of the number of devices ({num_devices})")
-  _require(config.eval.batch_size > 0 and config.eval.batch_size % num_devices == 0,
-           "eval.batch_size", config.eval.batch_size,
-           f"a positive multiple of the number of devices ({num_devices})")
-  _require(config.batch_size % process_count == 0, "batch_size", config.batch_size,
-           f"a multiple of the number of processes ({process_count})")
+  _require(
+    config.batch_size % num_devices == 0,
+    "batch_size",
+    config.batch_size,
+    f"a multiple of the number of devices ({num_devices})",
+  )
+  _require(
+    config.eval.batch_size > 0 and config.eval.batch_size % num_devices == 0,
+    "eval.batch_size",
+    config.eval.batch_size,
+    f"a positive multiple of the number of devices ({num_devices})",
+  )
+  _require(
+    config.batch_size % process_count == 0,
+    "batch_size",
+    config.batch_size,
+    f"a multiple of the number of processes ({process_count})",
+  )
   _require(o.name in OPTIMIZERS, "optim.name", o.name, f"one of {OPTIMIZERS}")
   _require(o.lr > 0, "optim.lr", o.lr, "a positive learning rate")
-  _require(o.head_lr_multiplier > 0, "optim.head_lr_multiplier", o.head_lr_multiplier,
-           "a positive number")
+  _require(
+    o.head_lr_multiplier > 0, "optim.head_lr_multiplier", o.head_lr_multiplier, "a positive number"
+  )
   _require(0 <= o.momentum < 1, "optim.momentum", o.momentum, "a number in [0, 1)")
   _require(0 <= o.adam_b2 < 1, "optim.adam_b2", o.adam_b2, "a number in [0, 1)")
   _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0")
   _require(o.poly_power >= 0, "optim.poly_power", o.poly_power, "a number >= 0")
   _require(config.method in METHODS, "method", config.method, f"one of {METHODS}")
-  _require(0.0 <= config.semi.threshold <= 1.0, "semi.threshold", config.semi.threshold,
-           "a confidence in [0, 1]")
-  _require(0.0 <= config.semi.fp_dropout < 1.0, "semi.fp_dropout", config.semi.fp_dropout,
-           "a rate in [0, 1)")
+  _require(
+    0.0 <= config.semi.threshold <= 1.0,
+    "semi.threshold",
+    config.semi.threshold,
+    "a confidence in [0, 1]",
+  )
+  _require(
+    0.0 <= config.semi.fp_dropout < 1.0,
+    "semi.fp_dropout",
+    config.semi.fp_dropout,
+    "a rate in [0, 1)",
+  )
   ub = config.unlabelled_batch_size
-  _require(isinstance(ub, int) and ub >= 0, "unlabelled_batch_size", ub,
-           "an integer >= 0 (0 = batch_size)")
-  _require(unlabelled_batch_size(config) % num_devices == 0 and
-           unlabelled_batch_size(config) % process_count == 0, "unlabelled_batch_size", ub,
-           f"a multiple of the number of devices ({num_devices}) and processes "
-           f"({process_count}); 0 means batch_size")
+  _require(
+    isinstance(ub, int) and ub >= 0, "unlabelled_batch_size", ub, "an integer >= 0 (0 = batch_size)"
+  )
+  _require(
+    unlabelled_batch_size(config) % num_devices == 0
+    and unlabelled_batch_size(config) % process_count == 0,
+    "unlabelled_batch_size",
+    ub,
+    f"a multiple of the number of devices ({num_devices}) and processes "
+    f"({process_count}); 0 means batch_size",
+  )
   a = config.augment
   for key in ("brightness", "contrast", "saturation"):
     _require(a[key] >= 0, f"augment.{key}", a[key], "a number >= 0")
   _require(0 <= a.hue <= 0.5, "augment.hue", a.hue, "a number in [0, 0.5]")
   for key in ("jitter_p", "grayscale_p", "blur_p", "cutmix_p"):
     _require(0 <= a[key] <= 1, f"augment.{key}", a[key], "a probability in [0, 1]")
-  _require(0 < a.blur_sigma[0] <= a.blur_sigma[1], "augment.blur_sigma", tuple(a.blur_sigma),
-           "(low, high) with 0 < low <= high")
-  _require(0 < a.cutmix_area[0] <= a.cutmix_area[1] <= 1, "augment.cutmix_area",
-           tuple(a.cutmix_area), "(low, high) with 0 < low <= high <= 1")
-  _require(0 < a.cutmix_aspect[0] <= a.cutmix_aspect[1], "augment.cutmix_aspect",
-           tuple(a.cutmix_aspect), "(low, high) with 0 < low <= high")
-  _require(config.teacher.source in TEACHER_SOURCES, "teacher.source", config.teacher.source,
-           f"one of {TEACHER_SOURCES}")
+  _require(
+    0 < a.blur_sigma[0] <= a.blur_sigma[1],
+    "augment.blur_sigma",
+    tuple(a.blur_sigma),
+    "(low, high) with 0 < low <= high",
+  )
+  _require(
+    0 < a.cutmix_area[0] <= a.cutmix_area[1] <= 1,
+    "augment.cutmix_area",
+    tuple(a.cutmix_area),
+    "(low, high) with 0 < low <= high <= 1",
+  )
+  _require(
+    0 < a.cutmix_aspect[0] <= a.cutmix_aspect[1],
+    "augment.cutmix_aspect",
+    tuple(a.cutmix_aspect),
+    "(low, high) with 0 < low <= high",
+  )
+  _require(
+    config.teacher.source in TEACHER_SOURCES,
+    "teacher.source",
+    config.teacher.source,
+    f"one of {TEACHER_SOURCES}",
+  )
   if config.method in METHODS:
     method = methods.get(config.method)
-    _require(config.teacher.source == "ema" or method.has_weak_pass
-             or not method.num_strong_views, "teacher.source", config.teacher.source,
-             f'"ema" with method={config.method!r} ("student" pseudo-labels need a '
-             "train-mode pass over the weak view, which only fixmatch and unimatch have)")
-  _require(0 <= config.teacher.ema_decay < 1, "teacher.ema_decay", config.teacher.ema_decay,
-           "a number in [0, 1)")
-  _require(e.best_metric in BEST_METRICS, "eval.best_metric", e.best_metric,
-           f"one of {BEST_METRICS}")
+    _require(
+      config.teacher.source == "ema" or method.has_weak_pass or not method.num_strong_views,
+      "teacher.source",
+      config.teacher.source,
+      f'"ema" with method={config.method!r} ("student" pseudo-labels need a '
+      "train-mode pass over the weak view, which only fixmatch and unimatch have)",
+    )
+  _require(
+    0 <= config.teacher.ema_decay < 1,
+    "teacher.ema_decay",
+    config.teacher.ema_decay,
+    "a number in [0, 1)",
+  )
+  _require(
+    e.best_metric in BEST_METRICS, "eval.best_metric", e.best_metric, f"one of {BEST_METRICS}"
+  )
   _require(e.mode in EVAL_MODES, "eval.mode", e.mode, f"one of {EVAL_MODES}")
   lc = config.losses
-  _require(lc.supervised in SUPERVISED_LOSSES, "losses.supervised", lc.supervised,
-           f"one of {SUPERVISED_LOSSES}")
-  _require(0 < lc.ohem_threshold <= 1, "losses.ohem_threshold", lc.ohem_threshold,
-           "a probability in (0, 1]")
-  _require(isinstance(lc.ohem_min_kept, int) and lc.ohem_min_kept >= 0, "losses.ohem_min_kept",
-           lc.ohem_min_kept, "an integer >= 0")
-  _require(e.window >= 0 and e.stride >= 0, "eval.window/eval.stride", (e.window, e.stride),
-           "sizes >= 0 (0 = derived from data.crop_size)")
+  _require(
+    lc.supervised in SUPERVISED_LOSSES,
+    "losses.supervised",
+    lc.supervised,
+    f"one of {SUPERVISED_LOSSES}",
+  )
+  _require(
+    0 < lc.ohem_threshold <= 1,
+    "losses.ohem_threshold",
+    lc.ohem_threshold,
+    "a probability in (0, 1]",
+  )
+  _require(
+    isinstance(lc.ohem_min_kept, int) and lc.ohem_min_kept >= 0,
+    "losses.ohem_min_kept",
+    lc.ohem_min_kept,
+    "an integer >= 0",
+  )
+  _require(
+    e.window >= 0 and e.stride >= 0,
+    "eval.window/eval.stride",
+    (e.window, e.stride),
+    "sizes >= 0 (0 = derived from data.crop_size)",
+  )
   # Objectives check their own blocks.
   registry.validate(config)
 
@@ -366,9 +482,13 @@ def resolve_total_steps(config, num_labelled: int, num_unlabelled: int):
   else:
     images, batch, which = num_unlabelled, unlabelled_batch_size(config), "unlabelled"
   steps_per_epoch = images // batch
-  require(steps_per_epoch > 0, "total_epochs", config.total_epochs,
-          f"0, or more {which} images ({images}) than one global batch ({batch}); an epoch "
-          f"is a pass over the {which} set")
+  require(
+    steps_per_epoch > 0,
+    "total_epochs",
+    config.total_epochs,
+    f"0, or more {which} images ({images}) than one global batch ({batch}); an epoch "
+    f"is a pass over the {which} set",
+  )
   resolved = config.copy_and_resolve_references()
   resolved.unlock()
   resolved.total_steps = config.total_epochs * steps_per_epoch
@@ -385,10 +505,21 @@ def eval_window(config) -> tuple[int, int]:
 
 # Keys that only change how a run is watched or fed, not what it computes: a workdir may be
 # resumed with different values for these.
-OPERATIONAL_KEYS = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-                    "num_visualised", "data.num_workers", "data.root", "data.tfds_dir",
-                    "data.on_bad_example", "eval.batch_size", "model.pretrained",
-                    "data.use_unlabelled_masks", "data.check_files")
+OPERATIONAL_KEYS = (
+  "log_every",
+  "eval_every",
+  "checkpoint_every",
+  "keep_checkpoints",
+  "num_visualised",
+  "data.num_workers",
+  "data.root",
+  "data.tfds_dir",
+  "data.on_bad_example",
+  "eval.batch_size",
+  "model.pretrained",
+  "data.use_unlabelled_masks",
+  "data.check_files",
+)
 
 
 def sibling_config(config_path: str, filename: str) -> ml_collections.ConfigDict:

@@ -52,5 +52,6 @@ def require(condition: bool, key: str, value, expected: str) -> None:
   """Raises ConfigError naming `config.<key>` and what it should be unless `condition`."""
   if not condition:
     raise ConfigError(
-        f"config.{key}={value!r} is not valid: expected {expected}. "
-        f"Fix it in the config file or override it with --config.{key}=...")
+      f"config.{key}={value!r} is not valid: expected {expected}. "
+      f"Fix it in the config file or override it with --config.{key}=..."
+    )

@@ -39,12 +39,12 @@ def confusion_matrix(pred, label, num_classes: int, ignore_index: int = 255) -> 
   label = jnp.asarray(label).astype(jnp.int32).reshape(-1)
   if pred.shape != label.shape:
     raise ValueError(f"pred and label sizes differ: {pred.shape} vs {label.shape}")
-  valid = ((label != ignore_index) & (label >= 0) & (label < k) & (pred >= 0) & (pred < k))
+  valid = (label != ignore_index) & (label >= 0) & (label < k) & (pred >= 0) & (pred < k)
   # Invalid pixels go to an extra overflow bin that is dropped, which keeps the output
   # shape static (no boolean indexing) and so stays jit-friendly.
   index = jnp.where(valid, label * k + pred, k * k)
   counts = jnp.bincount(index, length=k * k + 1)
-  return counts[:k * k].reshape(k, k).astype(jnp.int32)
+  return counts[: k * k].reshape(k, k).astype(jnp.int32)
 
 
 def iou_from_confusion(conf: np.ndarray) -> dict:
@@ -88,10 +88,10 @@ def iou_from_confusion(conf: np.ndarray) -> dict:
   mean_acc = float(class_acc[has_gt].mean()) if has_gt.any() else float("nan")
   pixel_acc = float(true_pos.sum() / total) if total > 0 else float("nan")
   return {
-      "miou": miou,
-      "iou": iou,
-      "pixel_accuracy": pixel_acc,
-      "mean_accuracy": mean_acc,
+    "miou": miou,
+    "iou": iou,
+    "pixel_accuracy": pixel_acc,
+    "mean_accuracy": mean_acc,
   }
 
 
@@ -110,9 +110,11 @@ def format_iou_table(iou_result: dict, class_names: Sequence[str] | None = None)
   lines = [f"{'id':>3}  {'class':<{name_width}}  {'IoU %':>6}"]
   for i, (name, value) in enumerate(zip(class_names, iou)):
     lines.append(f"{i:>3}  {str(name):<{name_width}}  {pct(value)}")
-  lines.append(f"mIoU {pct(iou_result['miou'])}  "
-               f"pixel acc {pct(iou_result['pixel_accuracy'])}  "
-               f"mean acc {pct(iou_result['mean_accuracy'])}")
+  lines.append(
+    f"mIoU {pct(iou_result['miou'])}  "
+    f"pixel acc {pct(iou_result['pixel_accuracy'])}  "
+    f"mean acc {pct(iou_result['mean_accuracy'])}"
+  )
   return "\n".join(lines)
 
 
@@ -141,8 +143,9 @@ def _window_starts(size: int, window: int, stride: int) -> list[int]:
   return [min(i * stride, size - window) for i in range(num)]
 
 
-def sliding_window_probabilities(predict_fn: Callable[[jax.Array], jax.Array], images,
-                                 num_classes: int, window: int, stride: int) -> jax.Array:
+def sliding_window_probabilities(
+  predict_fn: Callable[[jax.Array], jax.Array], images, num_classes: int, window: int, stride: int
+) -> jax.Array:
   """Softmax probabilities averaged over overlapping square windows.
 
   Args:
@@ -167,17 +170,20 @@ def sliding_window_probabilities(predict_fn: Callable[[jax.Array], jax.Array], i
     images = jnp.pad(images, ((0, 0), (0, padded_h - height), (0, padded_w - width), (0, 0)))
 
   # Positions and per-pixel coverage are static (numpy at trace time).
-  starts = [(y, x)
-            for y in _window_starts(padded_h, window, stride)
-            for x in _window_starts(padded_w, window, stride)]
+  starts = [
+    (y, x)
+    for y in _window_starts(padded_h, window, stride)
+    for x in _window_starts(padded_w, window, stride)
+  ]
   coverage = np.zeros((padded_h, padded_w), np.float32)
   for y, x in starts:
-    coverage[y:y + window, x:x + window] += 1.0
+    coverage[y : y + window, x : x + window] += 1.0
 
   def body(acc, start):
     y, x = start[0], start[1]
     crop = jax.lax.dynamic_slice_in_dim(
-        jax.lax.dynamic_slice_in_dim(images, y, window, axis=1), x, window, axis=2)
+      jax.lax.dynamic_slice_in_dim(images, y, window, axis=1), x, window, axis=2
+    )
     logits = resize_logits(predict_fn(crop), window, window)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     zeros = jnp.zeros((), jnp.int32)
@@ -194,9 +200,15 @@ def sliding_window_probabilities(predict_fn: Callable[[jax.Array], jax.Array], i
   return probs[:, :height, :width, :]
 
 
-def make_eval_fn(apply_fn: Callable, num_classes: int, *, mode: str = "whole",
-                 window: int | None = None, stride: int | None = None,
-                 ignore_index: int = 255) -> Callable:
+def make_eval_fn(
+  apply_fn: Callable,
+  num_classes: int,
+  *,
+  mode: str = "whole",
+  window: int | None = None,
+  stride: int | None = None,
+  ignore_index: int = 255,
+) -> Callable:
   """Builds eval_fn(variables, images_uint8, masks) -> int32 [K, K] confusion matrix.
 
   Args:
@@ -219,8 +231,9 @@ def make_eval_fn(apply_fn: Callable, num_classes: int, *, mode: str = "whole",
     raise ValueError(f"eval.mode must be one of {_EVAL_MODES}, got {mode!r}")
   if mode == "sliding":
     if window is None or window <= 0:
-      raise ValueError(f"eval.window must be a positive int for eval.mode='sliding', "
-                       f"got {window!r}")
+      raise ValueError(
+        f"eval.window must be a positive int for eval.mode='sliding', got {window!r}"
+      )
     if stride is None:
       stride = max(1, (2 * window) // 3)
     if stride <= 0:
@@ -233,7 +246,8 @@ def make_eval_fn(apply_fn: Callable, num_classes: int, *, mode: str = "whole",
       scores = resize_logits(apply_fn(variables, images), height, width)
     else:
       scores = sliding_window_probabilities(
-          lambda x: apply_fn(variables, x), images, num_classes, window, stride)
+        lambda x: apply_fn(variables, x), images, num_classes, window, stride
+      )
       scores = resize_logits(scores, height, width)
     pred = jnp.argmax(scores, axis=-1)
     return confusion_matrix(pred, masks, num_classes, ignore_index)

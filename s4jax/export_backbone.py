@@ -25,8 +25,9 @@ from s4jax.models import convert
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the trained run.", required=True)
 _OUT = flags.DEFINE_string("out", None, "The .npz file to write.", required=True)
 _WHICH = flags.DEFINE_enum("which", "latest", ["latest", "best"], "Which checkpoint.")
-_WEIGHTS = flags.DEFINE_enum("weights", "teacher", ["teacher", "student"],
-                             "The EMA teacher's weights or the student's.")
+_WEIGHTS = flags.DEFINE_enum(
+  "weights", "teacher", ["teacher", "student"], "The EMA teacher's weights or the student's."
+)
 
 
 def export(workdir: str, out: str, *, which: str = "latest", weights: str = "teacher") -> dict:
@@ -34,8 +35,9 @@ def export(workdir: str, out: str, *, which: str = "latest", weights: str = "tea
   if not out.endswith(".npz"):
     raise UserInputError(f"--out={out!r}: the file must end in .npz.")
   if os.path.exists(out):
-    raise UserInputError(f"--out={out!r} exists; it is not replaced. Choose another name "
-                         "or remove it first.")
+    raise UserInputError(
+      f"--out={out!r} exists; it is not replaced. Choose another name or remove it first."
+    )
   config = workdir_lib.recorded_config(workdir)
   run = train.Run(config, workdir, training=False)
   try:
@@ -43,15 +45,19 @@ def export(workdir: str, out: str, *, which: str = "latest", weights: str = "tea
   finally:
     run.checkpointer.close()
     run.writer.close()
-  variables = jax.device_get(state.teacher_variables() if weights == "teacher"
-                             else state.student_variables())
-  arrays = convert.flax_to_torch(variables["params"]["backbone"],
-                                 variables["batch_stats"]["backbone"])
+  variables = jax.device_get(
+    state.teacher_variables() if weights == "teacher" else state.student_variables()
+  )
+  arrays = convert.flax_to_torch(
+    variables["params"]["backbone"], variables["batch_stats"]["backbone"]
+  )
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   np.savez(out, **arrays)
   step = int(jax.device_get(state.step))
-  print(f"wrote {out}: the {weights} backbone ({config.model.backbone}, width "
-        f"{config.model.width}) of {workdir} at step {step}, {len(arrays)} arrays")
+  print(
+    f"wrote {out}: the {weights} backbone ({config.model.backbone}, width "
+    f"{config.model.width}) of {workdir} at step {step}, {len(arrays)} arrays"
+  )
   return arrays
 
 

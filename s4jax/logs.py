@@ -155,8 +155,11 @@ class MetricWriter:
 
     # The pid in the name: a writer reopened within the same second (the name's timestamp)
     # writes a file of its own, not into the previous one.
-    self._tb = SummaryWriter(logdir=self.tensorboard_dir, purge_step=self._purge_step,
-                             filename_suffix=f".{os.getpid()}.{id(self)}")
+    self._tb = SummaryWriter(
+      logdir=self.tensorboard_dir,
+      purge_step=self._purge_step,
+      filename_suffix=f".{os.getpid()}.{id(self)}",
+    )
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     """Appends one JSON line `{"step": step, **scalars}` and logs each to TB.
@@ -331,10 +334,10 @@ class Progress:
   """
 
   def __init__(
-      self,
-      total_steps: int,
-      start_step: int = 0,
-      clock: Callable[[], float] = time.monotonic,
+    self,
+    total_steps: int,
+    start_step: int = 0,
+    clock: Callable[[], float] = time.monotonic,
   ):
     self.total_steps = int(total_steps)
     self.start_step = int(start_step)
@@ -366,9 +369,7 @@ class Progress:
     self._last_time = now
     return {"steps_per_sec": self.steps_per_sec, "eta_seconds": self.eta_seconds}
 
-  def format_line(
-      self, step: int, scalars: Mapping[str, Any], lr: float | None = None
-  ) -> str:
+  def format_line(self, step: int, scalars: Mapping[str, Any], lr: float | None = None) -> str:
     """Formats one console line with the rate from the latest `update`.
 
     Example: "step   120/1000 | loss_sup 0.8123 | lr 9.1e-03 | 3.21 steps/s | ETA 4m33s".
@@ -379,7 +380,7 @@ class Progress:
     parts = [f"step {int(step):>{width}d}/{self.total_steps}"]
     shown = {}
     for name, value in scalars.items():
-      short = name[len("train/"):] if name.startswith("train/") else name
+      short = name[len("train/") :] if name.startswith("train/") else name
       shown[short] = value
     shown.pop("steps_per_sec", None)  # The rate gets its own field below.
     if lr is not None:
@@ -402,8 +403,11 @@ def console_scalars(scalars: Mapping[str, Any]) -> dict[str, Any]:
   losses (`train/loss`, `train/loss_*`). Everything else (diagnostics, objectives' parts,
   grad norm, epoch) is in metrics.jsonl and TensorBoard; a UniMatch line with all of them
   was 400 characters long."""
-  return {name: value for name, value in scalars.items()
-          if name == "train/loss" or (name.startswith("train/loss_") and name.count("/") == 1)}
+  return {
+    name: value
+    for name, value in scalars.items()
+    if name == "train/loss" or (name.startswith("train/loss_") and name.count("/") == 1)
+  }
 
 
 class ConsoleFormatter(logging.Formatter):

@@ -25,41 +25,60 @@ from s4jax import logs
 from s4jax import train
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to a config file in configs/ (python file with get_config()).",
-    lock_config=True)
+  "config",
+  None,
+  "Path to a config file in configs/ (python file with get_config()).",
+  lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
-                          "train: train (resuming from the workdir's latest checkpoint); "
-                          "eval: evaluate a checkpoint of the workdir (--which).")
+_MODE = flags.DEFINE_enum(
+  "mode",
+  "train",
+  ["train", "eval"],
+  "train: train (resuming from the workdir's latest checkpoint); "
+  "eval: evaluate a checkpoint of the workdir (--which).",
+)
 _WHICH = flags.DEFINE_string(
-    "which", "best",
-    "--mode=eval: the checkpoint to evaluate: best, latest or a step number. The config may "
-    "differ from the run's in data.val_list, data.num_val and eval.* (the run's config.json "
-    "is not changed).")
+  "which",
+  "best",
+  "--mode=eval: the checkpoint to evaluate: best, latest or a step number. The config may "
+  "differ from the run's in data.val_list, data.num_val and eval.* (the run's config.json "
+  "is not changed).",
+)
 _OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False,
-    "If the workdir holds a run with a different config, move it aside to <workdir>.old-<time> "
-    "and start afresh (nothing is deleted).")
+  "overwrite",
+  False,
+  "If the workdir holds a run with a different config, move it aside to <workdir>.old-<time> "
+  "and start afresh (nothing is deleted).",
+)
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None,
-    "Multi-host runs on GPU clusters: host:port of process 0 for jax.distributed.initialize "
-    "(TPU VMs need no flag: --distributed is enough).")
+  "coordinator_address",
+  None,
+  "Multi-host runs on GPU clusters: host:port of process 0 for jax.distributed.initialize "
+  "(TPU VMs need no flag: --distributed is enough).",
+)
 _STOP_AFTER = flags.DEFINE_integer(
-    "stop_after", None,
-    "End this invocation at this step (with a checkpoint); rerun the same command to go on. "
-    "For time-limited sessions (Colab, preemptible VMs).")
+  "stop_after",
+  None,
+  "End this invocation at this step (with a checkpoint); rerun the same command to go on. "
+  "For time-limited sessions (Colab, preemptible VMs).",
+)
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
 _COMPILATION_CACHE = flags.DEFINE_string(
-    "compilation_cache", "auto",
-    "JAX's persistent compilation cache, so a restarted run does not recompile: "
-    f"{compilation_cache.SETTINGS_HELP} (auto: {compilation_cache.default_directory()}; off "
-    "for XLA:CPU with several devices).")
+  "compilation_cache",
+  "auto",
+  "JAX's persistent compilation cache, so a restarted run does not recompile: "
+  f"{compilation_cache.SETTINGS_HELP} (auto: {compilation_cache.default_directory()}; off "
+  "for XLA:CPU with several devices).",
+)
 
 # Library loggers whose routine records are not for the person at the console: jax's
 # "Unable to initialize backend 'tpu'" on every CPU/GPU start, and tensorboardX's warning for
 # every NaN scalar (the IoU of a class absent from a validation set).
-_QUIET_LOGGERS = {"jax._src.xla_bridge": logging_lib.WARNING,
-                  "tensorboardX.x2num": logging_lib.ERROR}
+_QUIET_LOGGERS = {
+  "jax._src.xla_bridge": logging_lib.WARNING,
+  "tensorboardX.x2num": logging_lib.ERROR,
+}
 
 
 class _LibraryInfoFilter(logging_lib.Filter):
@@ -94,8 +113,10 @@ def _which(text: str):
     return text
   if text.isdigit() and int(text) > 0:
     return int(text)
-  _fail(f"--which={text!r} is not valid: give best, latest or a step number (one of the "
-        "folders in <workdir>/checkpoints).")
+  _fail(
+    f"--which={text!r} is not valid: give best, latest or a step number (one of the "
+    "folders in <workdir>/checkpoints)."
+  )
 
 
 def main(argv):
@@ -114,14 +135,19 @@ def main(argv):
   if not _WORKDIR.value:
     _fail("--workdir is required, e.g. --workdir=runs/demo")
   if _MODE.value == "eval" and _OVERWRITE.value:
-    _fail("--overwrite does nothing with --mode=eval (evaluation never changes the run); "
-          "leave it out.")
+    _fail(
+      "--overwrite does nothing with --mode=eval (evaluation never changes the run); leave it out."
+    )
   if _MODE.value == "train" and flags.FLAGS["which"].present:
-    _fail("--which chooses the checkpoint of --mode=eval; training always continues from "
-          "the latest one. Leave it out, or add --mode=eval.")
+    _fail(
+      "--which chooses the checkpoint of --mode=eval; training always continues from "
+      "the latest one. Leave it out, or add --mode=eval."
+    )
   if _STOP_AFTER.value is not None and _STOP_AFTER.value < 1:
-    _fail(f"--stop_after={_STOP_AFTER.value} is not valid: give the step to stop at (an "
-          "integer >= 1; the run saves there), or leave it out.")
+    _fail(
+      f"--stop_after={_STOP_AFTER.value} is not valid: give the step to stop at (an "
+      "integer >= 1; the run saves there), or leave it out."
+    )
   which = _which(_WHICH.value)
   _set_up_console()
   if _DISTRIBUTED.value or _COORDINATOR.value:
@@ -129,9 +155,9 @@ def main(argv):
   try:
     compilation_cache.enable(_COMPILATION_CACHE.value)
     if _MODE.value == "train":
-      results = train.train_and_evaluate(config, _WORKDIR.value,
-                                         overwrite=_OVERWRITE.value,
-                                         stop_after=_STOP_AFTER.value)
+      results = train.train_and_evaluate(
+        config, _WORKDIR.value, overwrite=_OVERWRITE.value, stop_after=_STOP_AFTER.value
+      )
     else:
       results = train.evaluate_only(config, _WORKDIR.value, which=which)
   except errors.UserInputError as e:
@@ -146,11 +172,15 @@ def main(argv):
   if jax.process_index() != 0:
     return
   if "stopped_at" in results:
-    print(f"stopped at step {results['stopped_at']} of {results['total_steps']}; rerun without "
-          "--stop_after (or with a later step) to continue.")
+    print(
+      f"stopped at step {results['stopped_at']} of {results['total_steps']}; rerun without "
+      "--stop_after (or with a later step) to continue."
+    )
   elif "eval/student_miou" in results:
-    print(f"final student mIoU {100 * results['eval/student_miou']:.2f}  "
-          f"teacher mIoU {100 * results['eval/teacher_miou']:.2f}")
+    print(
+      f"final student mIoU {100 * results['eval/student_miou']:.2f}  "
+      f"teacher mIoU {100 * results['eval/teacher_miou']:.2f}"
+    )
 
 
 def _parse_flags(argv):
@@ -167,9 +197,11 @@ def _parse_flags(argv):
 def _fail_config(error: Exception, argv) -> None:
   detail = " ".join(str(error).replace("\\n", " ").replace("\\'", "'").split()).strip("'\"")
   overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
-  _fail(f"cannot build the config from the command line ({type(error).__name__}: {detail}). "
-        f"Check the --config=... path and the overrides {overrides or '(none)'}; every key "
-        "is listed in s4jax/config_schema.py.")
+  _fail(
+    f"cannot build the config from the command line ({type(error).__name__}: {detail}). "
+    f"Check the --config=... path and the overrides {overrides or '(none)'}; every key "
+    "is listed in s4jax/config_schema.py."
+  )
 
 
 def run():

@@ -44,11 +44,11 @@ OVERLAYS_DIR = "overlays"
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-  window: int | None = None   # None: the run's eval mode; 0: whole images; N: N-pixel windows
-  stride: int | None = None   # sliding stride; None: the run's (2/3 of the window by default)
-  max_side: int = 2048        # whole images up to this side, windows above (window=None)
-  pad_multiple: int = 1       # whole images padded to a multiple of this (1: no padding)
-  alpha: float = 0.5          # overlay: weight of the mask colours
+  window: int | None = None  # None: the run's eval mode; 0: whole images; N: N-pixel windows
+  stride: int | None = None  # sliding stride; None: the run's (2/3 of the window by default)
+  max_side: int = 2048  # whole images up to this side, windows above (window=None)
+  pad_multiple: int = 1  # whole images padded to a multiple of this (1: no padding)
+  alpha: float = 0.5  # overlay: weight of the mask colours
 
 
 class Predictor:
@@ -103,8 +103,12 @@ class Predictor:
 
   def _sliding_fn(self, variables, image_uint8):
     probs = evaluate.sliding_window_probabilities(
-        functools.partial(self._logits, variables), augment.normalize_uint8(image_uint8[None]),
-        self.num_classes, self.window, self.stride)
+      functools.partial(self._logits, variables),
+      augment.normalize_uint8(image_uint8[None]),
+      self.num_classes,
+      self.window,
+      self.stride,
+    )
     return jnp.argmax(probs[0], axis=-1).astype(jnp.uint8)
 
   def uses_windows(self, height: int, width: int) -> bool:
@@ -128,6 +132,7 @@ class Predictor:
 
 # ---- inputs and outputs ---------------------------------------------------------------------
 
+
 def find_inputs(pattern: str, output_dir: str | None = None) -> list[tuple[str, str]]:
   """(path, name relative to the input root) of every input; directories are searched
   recursively for image files, globs (`**` allowed) give every file they match."""
@@ -145,8 +150,10 @@ def find_inputs(pattern: str, output_dir: str | None = None) -> list[tuple[str, 
         break
       fixed.append(part)
     if len(fixed) == len(parts):
-      raise UserInputError(f"--input={pattern!r} does not exist (give a directory, an image "
-                           "file or a glob such as 'photos/**/*.jpg').")
+      raise UserInputError(
+        f"--input={pattern!r} does not exist (give a directory, an image "
+        "file or a glob such as 'photos/**/*.jpg')."
+      )
     root = os.sep.join(fixed) or ("/" if pattern.startswith("/") else ".")
     paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
   if output_dir is not None:
@@ -155,10 +162,14 @@ def find_inputs(pattern: str, output_dir: str | None = None) -> list[tuple[str, 
     paths = [p for p in paths if not os.path.abspath(p).startswith(out)]
   if not paths:
     raise UserInputError(
-        f"--input={pattern!r} matches no files" +
-        (f" (a directory is searched for {', '.join(files.IMAGE_EXTENSIONS)} files)"
-         if os.path.isdir(pattern) else "") +
-        ". Give a directory, an image file or a glob such as 'photos/**/*.jpg'.")
+      f"--input={pattern!r} matches no files"
+      + (
+        f" (a directory is searched for {', '.join(files.IMAGE_EXTENSIONS)} files)"
+        if os.path.isdir(pattern)
+        else ""
+      )
+      + ". Give a directory, an image file or a glob such as 'photos/**/*.jpg'."
+    )
   return [(p, os.path.relpath(p, root)) for p in paths]
 
 
@@ -176,8 +187,9 @@ def check_output_dir(output_dir: str) -> None:
   if not output_dir:
     raise UserInputError("--output is required: the directory to write masks and overlays to.")
   if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-    raise UserInputError(f"--output={output_dir!r} is an existing file; give a directory "
-                         "(it is created if missing).")
+    raise UserInputError(
+      f"--output={output_dir!r} is an existing file; give a directory (it is created if missing)."
+    )
 
 
 def read_image(path: str) -> tuple[np.ndarray | None, str | None]:
@@ -196,8 +208,9 @@ def write_mask(path: str, mask: np.ndarray, palette: np.ndarray) -> None:
   image.save(path)
 
 
-def write_overlay(path: str, image: np.ndarray, mask: np.ndarray, palette: np.ndarray,
-                  alpha: float) -> None:
+def write_overlay(
+  path: str, image: np.ndarray, mask: np.ndarray, palette: np.ndarray, alpha: float
+) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   Image.fromarray(viz.overlay(image, mask, palette, alpha)).save(path, quality=92)
 
@@ -217,16 +230,19 @@ class _Progress:
       return
     filled = self.width * done // self.total
     rate = done / max(time.monotonic() - self.start, 1e-9)
-    line = (f"predict [{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} "
-            f"images, {rate:.1f}/s")
+    line = (
+      f"predict [{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} "
+      f"images, {rate:.1f}/s"
+    )
     self.stream.write(("\r" + line) if self.tty else (line + "\n"))
     if self.tty and done == self.total:
       self.stream.write("\n")
     self.stream.flush()
 
 
-def predict_files(predictor: Predictor, inputs: list[tuple[str, str]], output_dir: str, *,
-                  progress: bool = True) -> dict:
+def predict_files(
+  predictor: Predictor, inputs: list[tuple[str, str]], output_dir: str, *, progress: bool = True
+) -> dict:
   """Segments every input; returns {"written": n, "skipped": {path: reason}, "shapes": k}."""
   check_output_dir(output_dir)
   os.makedirs(output_dir, exist_ok=True)
@@ -241,41 +257,64 @@ def predict_files(predictor: Predictor, inputs: list[tuple[str, str]], output_di
     else:
       mask = predictor(image)
       write_mask(os.path.join(output_dir, MASKS_DIR, name + ".png"), mask, palette)
-      write_overlay(os.path.join(output_dir, OVERLAYS_DIR, name + ".jpg"), image, mask,
-                    palette, predictor.options.alpha)
+      write_overlay(
+        os.path.join(output_dir, OVERLAYS_DIR, name + ".jpg"),
+        image,
+        mask,
+        palette,
+        predictor.options.alpha,
+      )
       written += 1
     if bar is not None:
       bar.update(i + 1)
   return {"written": written, "skipped": skipped, "shapes": len(predictor.shapes)}
 
 
-def load_bundle(*, workdir: str | None, model_file: str | None, which: str = "best",
-                model: str = "teacher", data_root: str | None = None
-                ) -> export_lib.ModelBundle:
+def load_bundle(
+  *,
+  workdir: str | None,
+  model_file: str | None,
+  which: str = "best",
+  model: str = "teacher",
+  data_root: str | None = None,
+) -> export_lib.ModelBundle:
   if bool(workdir) == bool(model_file):
-    raise UserInputError("give either --workdir=RUN (a training run) or --model_file=FILE.npz "
-                         "(from `python -m s4jax.export`), not both or neither.")
+    raise UserInputError(
+      "give either --workdir=RUN (a training run) or --model_file=FILE.npz "
+      "(from `python -m s4jax.export`), not both or neither."
+    )
   if model_file:
     return export_lib.load(model_file)
   return export_lib.from_workdir(workdir, which=which, model=model, data_root=data_root)
 
 
-def predict(*, input_pattern: str, output_dir: str, workdir: str | None = None,
-            model_file: str | None = None, which: str = "best", model: str = "teacher",
-            data_root: str | None = None, options: Options = Options(),
-            progress: bool = True) -> dict:
+def predict(
+  *,
+  input_pattern: str,
+  output_dir: str,
+  workdir: str | None = None,
+  model_file: str | None = None,
+  which: str = "best",
+  model: str = "teacher",
+  data_root: str | None = None,
+  options: Options = Options(),
+  progress: bool = True,
+) -> dict:
   """The whole command: checks the arguments (cheap ones first), loads, segments."""
   check_output_dir(output_dir)
   inputs = find_inputs(input_pattern, output_dir)
-  bundle = load_bundle(workdir=workdir, model_file=model_file, which=which, model=model,
-                       data_root=data_root)
+  bundle = load_bundle(
+    workdir=workdir, model_file=model_file, which=which, model=model, data_root=data_root
+  )
   return predict_files(Predictor(bundle, options), inputs, output_dir, progress=progress)
 
 
 def summary_lines(result: dict, output_dir: str) -> list[str]:
-  lines = [f"wrote {result['written']} masks to {os.path.join(output_dir, MASKS_DIR)} and "
-           f"overlays to {os.path.join(output_dir, OVERLAYS_DIR)} ({result['shapes']} "
-           "compiled image sizes)"]
+  lines = [
+    f"wrote {result['written']} masks to {os.path.join(output_dir, MASKS_DIR)} and "
+    f"overlays to {os.path.join(output_dir, OVERLAYS_DIR)} ({result['shapes']} "
+    "compiled image sizes)"
+  ]
   skipped = result["skipped"]
   if skipped:
     shown = "; ".join(f"{p}: {r}" for p, r in list(skipped.items())[:10])
@@ -286,34 +325,48 @@ def summary_lines(result: dict, output_dir: str) -> list[str]:
 
 # ---- command line -----------------------------------------------------------------------------
 
+
 def _define_flags():
   # Defined only when run as a program (other modules imported beside it define --workdir).
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   f = flags
   return {
-      "workdir": f.DEFINE_string("workdir", None, "A training run's directory."),
-      "model_file": f.DEFINE_string("model_file", None,
-                                    "A model file from `python -m s4jax.export` instead."),
-      "input": f.DEFINE_string("input", None,
-                               "A directory (searched recursively), an image or a glob."),
-      "output": f.DEFINE_string("output", None, "Directory for masks/ and overlays/."),
-      "which": f.DEFINE_enum("which", "best", ["best", "latest"],
-                             "The run's best or latest checkpoint (--workdir only)."),
-      "model": f.DEFINE_enum("model", "teacher", ["teacher", "student"],
-                             "The EMA teacher or the student (--workdir only)."),
-      "window": f.DEFINE_integer(
-          "window", None, "Sliding-window side in pixels; 0 = whole images always. Default: "
-          "the run's eval mode, and windows for images larger than --max_side."),
-      "stride": f.DEFINE_integer("stride", None, "Sliding-window stride (default 2/3 of it)."),
-      "max_side": f.DEFINE_integer("max_side", 2048,
-                                   "Longer sides above this use sliding windows."),
-      "pad_multiple": f.DEFINE_integer(
-          "pad_multiple", 1, "Pad whole images to a multiple of this (fewer compiles, "
-          "slightly different borders); 1 = each image at its own size."),
-      "alpha": f.DEFINE_float("alpha", 0.5, "Overlay opacity of the mask colours."),
-      "data_root": f.DEFINE_string(
-          "data_root", None, "Where the run's dataset is on this machine, if not at the "
-          "recorded config.data.root (--workdir only; read for the class names)."),
+    "workdir": f.DEFINE_string("workdir", None, "A training run's directory."),
+    "model_file": f.DEFINE_string(
+      "model_file", None, "A model file from `python -m s4jax.export` instead."
+    ),
+    "input": f.DEFINE_string(
+      "input", None, "A directory (searched recursively), an image or a glob."
+    ),
+    "output": f.DEFINE_string("output", None, "Directory for masks/ and overlays/."),
+    "which": f.DEFINE_enum(
+      "which", "best", ["best", "latest"], "The run's best or latest checkpoint (--workdir only)."
+    ),
+    "model": f.DEFINE_enum(
+      "model", "teacher", ["teacher", "student"], "The EMA teacher or the student (--workdir only)."
+    ),
+    "window": f.DEFINE_integer(
+      "window",
+      None,
+      "Sliding-window side in pixels; 0 = whole images always. Default: "
+      "the run's eval mode, and windows for images larger than --max_side.",
+    ),
+    "stride": f.DEFINE_integer("stride", None, "Sliding-window stride (default 2/3 of it)."),
+    "max_side": f.DEFINE_integer("max_side", 2048, "Longer sides above this use sliding windows."),
+    "pad_multiple": f.DEFINE_integer(
+      "pad_multiple",
+      1,
+      "Pad whole images to a multiple of this (fewer compiles, "
+      "slightly different borders); 1 = each image at its own size.",
+    ),
+    "alpha": f.DEFINE_float("alpha", 0.5, "Overlay opacity of the mask colours."),
+    "data_root": f.DEFINE_string(
+      "data_root",
+      None,
+      "Where the run's dataset is on this machine, if not at the "
+      "recorded config.data.root (--workdir only; read for the class names).",
+    ),
   }
 
 
@@ -325,30 +378,42 @@ def _fail(message: str) -> None:
 def run():
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   values = _define_flags()
 
   def main(argv):
     if len(argv) > 1:
       _fail(f"unexpected arguments {argv[1:]}; use --flag=value.")
     if not values["input"].value:
-      _fail("--input is required: a directory, an image file or a glob such as "
-            "'photos/**/*.jpg'.")
+      _fail("--input is required: a directory, an image file or a glob such as 'photos/**/*.jpg'.")
     if values["model_file"].value:
       for name in ("which", "model", "data_root"):
         if flags.FLAGS[name].present:
-          _fail(f"--{name} chooses within a --workdir; a model file holds one network "
-                "(pick it when exporting: python -m s4jax.export --which=... --model=...).")
-    options = Options(window=values["window"].value, stride=values["stride"].value,
-                      max_side=values["max_side"].value,
-                      pad_multiple=values["pad_multiple"].value, alpha=values["alpha"].value)
+          _fail(
+            f"--{name} chooses within a --workdir; a model file holds one network "
+            "(pick it when exporting: python -m s4jax.export --which=... --model=...)."
+          )
+    options = Options(
+      window=values["window"].value,
+      stride=values["stride"].value,
+      max_side=values["max_side"].value,
+      pad_multiple=values["pad_multiple"].value,
+      alpha=values["alpha"].value,
+    )
     if not 0.0 <= options.alpha <= 1.0:
       _fail(f"--alpha={options.alpha}: give an opacity in [0, 1].")
     output = values["output"].value
     try:
-      result = predict(input_pattern=values["input"].value, output_dir=output,
-                       workdir=values["workdir"].value, model_file=values["model_file"].value,
-                       which=values["which"].value, model=values["model"].value,
-                       data_root=values["data_root"].value, options=options)
+      result = predict(
+        input_pattern=values["input"].value,
+        output_dir=output,
+        workdir=values["workdir"].value,
+        model_file=values["model_file"].value,
+        which=values["which"].value,
+        model=values["model"].value,
+        data_root=values["data_root"].value,
+        options=options,
+      )
     except UserInputError as e:
       _fail(str(e))
     for line in summary_lines(result, output):

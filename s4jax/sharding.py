@@ -14,8 +14,7 @@ DATA_AXIS = "data"
 
 def make_mesh(devices=None) -> Mesh:
   devices = jax.devices() if devices is None else devices
-  return Mesh(np.asarray(devices), (DATA_AXIS,),
-              axis_types=(jax.sharding.AxisType.Auto,))
+  return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -33,5 +32,7 @@ def host_to_global(local_batch: dict, mesh: Mesh) -> dict:
   that is the whole batch.
   """
   sharding = batch_sharded(mesh)
-  return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
-          for key, value in local_batch.items()}
+  return {
+    key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+    for key, value in local_batch.items()
+  }

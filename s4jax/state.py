@@ -18,13 +18,13 @@ from s4jax import sharding
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array                 # int32 scalar: optimizer updates done so far
-  params: Any                     # student parameters
-  batch_stats: Any                # student BatchNorm statistics
+  step: jax.Array  # int32 scalar: optimizer updates done so far
+  params: Any  # student parameters
+  batch_stats: Any  # student BatchNorm statistics
   opt_state: optax.OptState
-  ema_params: Any                 # EMA teacher (docs/methods.md §0)
+  ema_params: Any  # EMA teacher (docs/methods.md §0)
   ema_batch_stats: Any
-  aux: Any                        # non-trainable objective state (e.g. prototypes); {} if none
+  aux: Any  # non-trainable objective state (e.g. prototypes); {} if none
 
   def student_variables(self):
     return {"params": self.params, "batch_stats": self.batch_stats}
@@ -39,21 +39,23 @@ def init_state(model, tx, rng, image_shape, aux=None) -> TrainState:
   params = variables["params"]
   batch_stats = variables.get("batch_stats", {})
   return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=params,
-      batch_stats=batch_stats,
-      opt_state=tx.init(params),
-      # The teacher starts as a copy of the student (the EMA warm-up makes d_0 = 0 anyway).
-      ema_params=jax.tree.map(jnp.copy, params),
-      ema_batch_stats=jax.tree.map(jnp.copy, batch_stats),
-      aux={} if aux is None else aux,
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=batch_stats,
+    opt_state=tx.init(params),
+    # The teacher starts as a copy of the student (the EMA warm-up makes d_0 = 0 anyway).
+    ema_params=jax.tree.map(jnp.copy, params),
+    ema_batch_stats=jax.tree.map(jnp.copy, batch_stats),
+    aux={} if aux is None else aux,
   )
 
 
 def init_on_mesh(model, tx, mesh, image_shape, seed: int, aux=None) -> TrainState:
   """`init_state` compiled straight onto the mesh's replicated sharding (no host copy)."""
-  init = jax.jit(functools.partial(init_state, model, tx, image_shape=image_shape, aux=aux),
-                 out_shardings=sharding.replicated(mesh))
+  init = jax.jit(
+    functools.partial(init_state, model, tx, image_shape=image_shape, aux=aux),
+    out_shardings=sharding.replicated(mesh),
+  )
   return init(jax.random.key(seed))
 
 

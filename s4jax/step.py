@@ -35,17 +35,18 @@ def _apply_updates_and_ema(state, grads, new_batch_stats, tx, ema_decay):
   params = optax.apply_updates(state.params, updates)
   decay_t = state_lib.ema_decay_at(state.step, ema_decay)
   return state.replace(
-      step=state.step + 1,
-      params=params,
-      batch_stats=new_batch_stats,
-      opt_state=opt_state,
-      ema_params=state_lib.ema_update(state.ema_params, params, decay_t),
-      ema_batch_stats=state_lib.ema_update(state.ema_batch_stats, new_batch_stats, decay_t),
+    step=state.step + 1,
+    params=params,
+    batch_stats=new_batch_stats,
+    opt_state=opt_state,
+    ema_params=state_lib.ema_update(state.ema_params, params, decay_t),
+    ema_batch_stats=state_lib.ema_update(state.ema_batch_stats, new_batch_stats, decay_t),
   )
 
 
-def _pseudo_label_diagnostics(pseudo, confidence, valid, hidden_mask, threshold, num_classes,
-                              background_classes=(0,)):
+def _pseudo_label_diagnostics(
+  pseudo, confidence, valid, hidden_mask, threshold, num_classes, background_classes=(0,)
+):
   """Share of confident pixels, and (when the dataset has hidden masks) pseudo-label
   accuracy, a confusion matrix, and the object-class coverage and precision against them.
   Never used for training.
@@ -62,21 +63,22 @@ def _pseudo_label_diagnostics(pseudo, confidence, valid, hidden_mask, threshold,
   if hidden_mask is not None:
     labelled = valid_f * (hidden_mask != supervised.IGNORE_INDEX)
     correct = (pseudo == hidden_mask.astype(jnp.int32)).astype(jnp.float32)
-    metrics["train/pseudo_accuracy"] = (correct * labelled).sum() / jnp.maximum(
-        labelled.sum(), 1.0)
+    metrics["train/pseudo_accuracy"] = (correct * labelled).sum() / jnp.maximum(labelled.sum(), 1.0)
     conf_lab = confident * labelled
     metrics["train/pseudo_accuracy_confident"] = (correct * conf_lab).sum() / jnp.maximum(
-        conf_lab.sum(), 1.0)
+      conf_lab.sum(), 1.0
+    )
     masked_truth = jnp.where(labelled > 0, hidden_mask, supervised.IGNORE_INDEX)
-    metrics["train/pseudo_confusion"] = evaluate.confusion_matrix(pseudo, masked_truth,
-                                                                  num_classes)
+    metrics["train/pseudo_confusion"] = evaluate.confusion_matrix(pseudo, masked_truth, num_classes)
     background = jnp.asarray(background_classes, jnp.int32)
     truth_object = ~jnp.isin(hidden_mask.astype(jnp.int32), background) * labelled
     pseudo_object = ~jnp.isin(pseudo, background) * conf_lab
     metrics["train/pseudo_object_coverage"] = (correct * confident * truth_object).sum() / (
-        jnp.maximum(truth_object.sum(), 1.0))
+      jnp.maximum(truth_object.sum(), 1.0)
+    )
     metrics["train/pseudo_object_precision"] = (correct * pseudo_object).sum() / jnp.maximum(
-        pseudo_object.sum(), 1.0)
+      pseudo_object.sum(), 1.0
+    )
   return metrics
 
 
@@ -122,24 +124,42 @@ def train_step(state, batch, *, model, tx, config, mesh, background_classes=(0,)
     u_unit = augment.to_unit_range(batch["u_image"])
     valid = batch["u_valid"].astype(jnp.float32)
     if config.teacher.source == "ema":
-      teacher_logits = model.apply(state.teacher_variables(), augment.normalize(u_unit),
-                                   train=False)["logits"]
+      teacher_logits = model.apply(
+        state.teacher_variables(), augment.normalize(u_unit), train=False
+      )["logits"]
   keys = {"fp": k_fp, "comp": k_comp}
 
   def loss_fn(params):
     passes = method_base.StudentPasses(model, params, state.batch_stats, k_dropout)
     unlabelled, hook_metrics = None, {}
     if method.num_strong_views:
-      refine, hook_metrics = _refine_targets(objectives, hook_keys, dict(
-          config=config, model=model, params=params, batch_stats=state.batch_stats,
-          teacher_variables=state.teacher_variables(), weak_image=augment.normalize(u_unit),
-          weak_valid=valid, step=state.step, num_classes=model.num_classes,
-          hidden_mask=batch.get("u_mask")), state.aux)
+      refine, hook_metrics = _refine_targets(
+        objectives,
+        hook_keys,
+        dict(
+          config=config,
+          model=model,
+          params=params,
+          batch_stats=state.batch_stats,
+          teacher_variables=state.teacher_variables(),
+          weak_image=augment.normalize(u_unit),
+          weak_valid=valid,
+          step=state.step,
+          num_classes=model.num_classes,
+          hidden_mask=batch.get("u_mask"),
+        ),
+        state.aux,
+      )
       unlabelled = method_base.Unlabelled(
-          weak=augment.normalize(u_unit), valid=valid,
-          views=tuple(method_base.strong_views(k, u_unit, valid, config)
-                      for k in jax.random.split(k_views, method.num_strong_views)),
-          teacher_logits=teacher_logits, refine=refine)
+        weak=augment.normalize(u_unit),
+        valid=valid,
+        views=tuple(
+          method_base.strong_views(k, u_unit, valid, config)
+          for k in jax.random.split(k_views, method.num_strong_views)
+        ),
+        teacher_logits=teacher_logits,
+        refine=refine,
+      )
     result = method.run(passes, x_l, y_l, unlabelled, keys, config)
     total, losses = result.total, dict(result.losses)
     if any(o.replaces_base is not None and o.replaces_base(cfg) for o, cfg in objectives):
@@ -147,20 +167,32 @@ def train_step(state, batch, *, model, tx, config, mesh, background_classes=(0,)
     losses.update(hook_metrics)
     targets = result.targets
     context = objective_lib.StepContext(
-        config=config, model=model, params=params, batch_stats=state.batch_stats,
-        rng=None, step=state.step, num_classes=model.num_classes,
-        background_classes=tuple(background_classes), labelled_image=x_l,
-        labelled_mask=y_l, labelled_features=result.features["labelled"].fused,
-        weak_image=unlabelled.weak if unlabelled else None,
-        weak_valid=unlabelled.valid if unlabelled else None,
-        pseudo=targets.pseudo if targets else None,
-        confidence=targets.confidence if targets else None, strong_views=result.views,
-        features=result.features, targets=targets,
-        teacher_variables=state.teacher_variables(), feature_widths=widths)
+      config=config,
+      model=model,
+      params=params,
+      batch_stats=state.batch_stats,
+      rng=None,
+      step=state.step,
+      num_classes=model.num_classes,
+      background_classes=tuple(background_classes),
+      labelled_image=x_l,
+      labelled_mask=y_l,
+      labelled_features=result.features["labelled"].fused,
+      weak_image=unlabelled.weak if unlabelled else None,
+      weak_valid=unlabelled.valid if unlabelled else None,
+      pseudo=targets.pseudo if targets else None,
+      confidence=targets.confidence if targets else None,
+      strong_views=result.views,
+      features=result.features,
+      targets=targets,
+      teacher_variables=state.teacher_variables(),
+      feature_widths=widths,
+    )
     new_aux = dict(state.aux)
     for (objective, cfg), key in zip(objectives, objective_keys):
       loss, obj_metrics, new_aux[objective.name] = objective.loss(
-          dataclasses.replace(context, rng=key), cfg, state.aux.get(objective.name, {}))
+        dataclasses.replace(context, rng=key), cfg, state.aux.get(objective.name, {})
+      )
       total = total + loss
       losses.update({f"{objective.name}/{k}": v for k, v in obj_metrics.items()})
     new_batch_stats = passes.batch_stats
@@ -169,14 +201,23 @@ def train_step(state, batch, *, model, tx, config, mesh, background_classes=(0,)
     return total, (losses, new_batch_stats, new_aux, targets)
 
   (total, (losses, new_batch_stats, new_aux, targets)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
+    loss_fn, has_aux=True
+  )(state.params)
   new_state = _apply_updates_and_ema(state, grads, new_batch_stats, tx, config.teacher.ema_decay)
   new_state = new_state.replace(aux=new_aux)
   metrics = {}
   if targets is not None:
-    metrics.update(_pseudo_label_diagnostics(
-        targets.pseudo, targets.confidence, valid, batch.get("u_mask"), config.semi.threshold,
-        model.num_classes, tuple(background_classes)))
+    metrics.update(
+      _pseudo_label_diagnostics(
+        targets.pseudo,
+        targets.confidence,
+        valid,
+        batch.get("u_mask"),
+        config.semi.threshold,
+        model.num_classes,
+        tuple(background_classes),
+      )
+    )
   metrics.update({"train/loss": total, "train/grad_norm": optax.tree.norm(grads)})
   metrics.update({f"train/{k}": v for k, v in losses.items()})
   return new_state, metrics
@@ -184,13 +225,20 @@ def train_step(state, batch, *, model, tx, config, mesh, background_classes=(0,)
 
 def make_train_step(model, tx, config, mesh, background_classes=(0,)):
   """The jitted, sharded, state-donating train step for `config.method` and objectives."""
-  step_fn = functools.partial(train_step, model=model, tx=tx, config=config, mesh=mesh,
-                              background_classes=tuple(background_classes))
+  step_fn = functools.partial(
+    train_step,
+    model=model,
+    tx=tx,
+    config=config,
+    mesh=mesh,
+    background_classes=tuple(background_classes),
+  )
   return jax.jit(
-      step_fn,
-      in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
-      out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
-      donate_argnums=0)
+    step_fn,
+    in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
+    out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
+    donate_argnums=0,
+  )
 
 
 def make_eval_step(model, config, num_classes: int, mesh):
@@ -206,12 +254,17 @@ def make_eval_step(model, config, num_classes: int, mesh):
     return logits
 
   eval_fn = evaluate.make_eval_fn(
-      apply_fn, num_classes, mode=config.eval.mode, window=window, stride=stride)
+    apply_fn, num_classes, mode=config.eval.mode, window=window, stride=stride
+  )
   return jax.jit(
-      eval_fn,
-      in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh),
-                    sharding.batch_sharded(mesh)),
-      out_shardings=sharding.replicated(mesh))
+    eval_fn,
+    in_shardings=(
+      sharding.replicated(mesh),
+      sharding.batch_sharded(mesh),
+      sharding.batch_sharded(mesh),
+    ),
+    out_shardings=sharding.replicated(mesh),
+  )
 
 
 def make_predict_fn(model, mesh):
@@ -221,5 +274,8 @@ def make_predict_fn(model, mesh):
     logits = model.apply(variables, augment.normalize_uint8(images_uint8), train=False)["logits"]
     return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
 
-  return jax.jit(predict, in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
-                 out_shardings=sharding.batch_sharded(mesh))
+  return jax.jit(
+    predict,
+    in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
+    out_shardings=sharding.batch_sharded(mesh),
+  )

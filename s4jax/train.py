@@ -56,8 +56,7 @@ class Run:
     config_schema.validate(config, num_devices=self.mesh.size, process_count=self.process_count)
     self.is_writer = self.process_index == 0
     if training:
-      status = workdir_lib.prepare(workdir, config, overwrite=overwrite,
-                                   is_writer=self.is_writer)
+      status = workdir_lib.prepare(workdir, config, overwrite=overwrite, is_writer=self.is_writer)
       if status.startswith("moved:"):
         logging.info("Moved the previous run in %s to %s", workdir, status.split(":", 1)[1])
     else:
@@ -68,11 +67,13 @@ class Run:
     # uses, with total_steps derived from total_epochs once the data sizes are known.
     self.given_config = config
     self.config = config = config_schema.resolve_total_steps(
-        config, len(self.data.labelled_indices), len(self.data.unlabelled_indices))
+      config, len(self.data.labelled_indices), len(self.data.unlabelled_indices)
+    )
     if config.total_epochs:
       logging.info("total_epochs=%d: %d steps.", config.total_epochs, config.total_steps)
-    self.model = segmenter.build_segmenter(config.model, self.data.num_classes,
-                                           aux_heads=registry.required_heads(config))
+    self.model = segmenter.build_segmenter(
+      config.model, self.data.num_classes, aux_heads=registry.required_heads(config)
+    )
     self.tx = optim.make_optimizer(config.optim, config.total_steps)
     self.lr_schedule = optim.lr_schedule(config.optim, config.total_steps)
 
@@ -80,14 +81,13 @@ class Run:
     self.unlabelled_batch_size = config_schema.unlabelled_batch_size(config)
     self.iterators = self._training_streams(config) if training else {}
     stream_names = ("labelled", "unlabelled") if self.semi_supervised else ("labelled",)
-    self.checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints,
-                                                   iterator_names=stream_names,
-                                                   read_only=not training)
+    self.checkpointer = checkpointing.Checkpointer(
+      workdir, keep=config.keep_checkpoints, iterator_names=stream_names, read_only=not training
+    )
     self.train_step = step_lib.make_train_step(
-        self.model, self.tx, config, self.mesh,
-        background_classes=self.data.background_classes)
-    self.eval_step = step_lib.make_eval_step(self.model, config, self.data.num_classes,
-                                             self.mesh)
+      self.model, self.tx, config, self.mesh, background_classes=self.data.background_classes
+    )
+    self.eval_step = step_lib.make_eval_step(self.model, config, self.data.num_classes, self.mesh)
     self.predict = step_lib.make_predict_fn(self.model, self.mesh)
     self.writer = logs.MetricWriter(workdir, enabled=self.is_writer and training)
     self.param_norm = jax.jit(optax.tree.norm)
@@ -98,32 +98,49 @@ class Run:
     """The labelled (and unlabelled) training iterators of this process."""
     if self.semi_supervised and len(self.data.unlabelled_indices) == 0:
       raise ConfigError(
-          f"config.method={config.method!r} needs unlabelled images, but the unlabelled set is "
-          f"empty (config.data.labelled_fraction={config.data.labelled_fraction}). Lower the "
-          "labelled fraction, give an unlabelled list, or use --config.method=supervised.")
+        f"config.method={config.method!r} needs unlabelled images, but the unlabelled set is "
+        f"empty (config.data.labelled_fraction={config.data.labelled_fraction}). Lower the "
+        "labelled fraction, give an unlabelled list, or use --config.method=supervised."
+      )
     stream = functools.partial(
-        pipeline.make_train_iterator, self.data.train_source, crop_size=config.data.crop_size,
-        seed=config.seed, scale_range=tuple(config.data.scale_range),
-        process_index=self.process_index, process_count=self.process_count,
-        num_workers=config.data.num_workers)
-    iterators = {"labelled": stream(
-        self.data.labelled_indices, batch_size=config.batch_size // self.process_count,
-        kind="labelled")}
+      pipeline.make_train_iterator,
+      self.data.train_source,
+      crop_size=config.data.crop_size,
+      seed=config.seed,
+      scale_range=tuple(config.data.scale_range),
+      process_index=self.process_index,
+      process_count=self.process_count,
+      num_workers=config.data.num_workers,
+    )
+    iterators = {
+      "labelled": stream(
+        self.data.labelled_indices,
+        batch_size=config.batch_size // self.process_count,
+        kind="labelled",
+      )
+    }
     if self.semi_supervised:
       iterators["unlabelled"] = stream(
-          self.data.unlabelled_indices,
-          batch_size=self.unlabelled_batch_size // self.process_count, kind="unlabelled")
+        self.data.unlabelled_indices,
+        batch_size=self.unlabelled_batch_size // self.process_count,
+        kind="unlabelled",
+      )
       if self.unlabelled_batch_size == 1:
         logging.warning("One unlabelled image per step: CutMix has no partner to paste from.")
     return iterators
 
   def initial_state(self):
     crop = self.config.data.crop_size
-    return state_lib.init_on_mesh(self.model, self.tx, self.mesh, (1, crop, crop, 3),
-                                  self.config.seed,
-                                  aux=registry.init_aux(
-                                      self.config, self.data.num_classes,
-                                      segmenter.feature_widths(self.model)))
+    return state_lib.init_on_mesh(
+      self.model,
+      self.tx,
+      self.mesh,
+      (1, crop, crop, 3),
+      self.config.seed,
+      aux=registry.init_aux(
+        self.config, self.data.num_classes, segmenter.feature_widths(self.model)
+      ),
+    )
 
   def restore_or_init(self):
     """The newest intact checkpoint of this workdir (iterators restored in place) or a fresh
@@ -147,8 +164,11 @@ class Run:
     shape, dtype, count; clu.parameter_overview, as big_vision logs it) and logs the total."""
     params = jax.eval_shape(lambda p: p, state.params)
     count = parameter_overview.count_parameters(params)
-    logging.info("The student has %s parameters (table: %s).", f"{count:,}",
-                 os.path.join(self.workdir, "parameters.txt"))
+    logging.info(
+      "The student has %s parameters (table: %s).",
+      f"{count:,}",
+      os.path.join(self.workdir, "parameters.txt"),
+    )
     if self.is_writer:
       table = parameter_overview.get_parameter_overview(params, include_stats=False)
       with open(os.path.join(self.workdir, "parameters.txt"), "w") as f:
@@ -166,9 +186,11 @@ class Run:
       logging.info("data.check_files: the shapes dataset is generated; no files to check.")
       return
     check.check_sources(
-        [("training set", self.data.train_source), ("validation set", self.data.val_source)],
-        on_bad_example=self.config.data.on_bad_example, process_index=self.process_index,
-        process_count=self.process_count)
+      [("training set", self.data.train_source), ("validation set", self.data.val_source)],
+      on_bad_example=self.config.data.on_bad_example,
+      process_index=self.process_index,
+      process_count=self.process_count,
+    )
     skipped = self.data.skipped_summary()
     if skipped:
       logging.warning("data.check_files: %s", skipped)
@@ -184,8 +206,7 @@ class Run:
     except Exception as e:  # pylint: disable=broad-except
       if not after_error:
         raise
-      logging.error("Could not finish the checkpoint save in flight: %s: %s",
-                    type(e).__name__, e)
+      logging.error("Could not finish the checkpoint save in flight: %s: %s", type(e).__name__, e)
     finally:
       self.writer.close()
 
@@ -194,13 +215,18 @@ class Run:
     path = self.config.model.pretrained
     if not path:
       return state
-    params, batch_stats = convert.load_backbone(path, jax.device_get(state.params),
-                                                jax.device_get(state.batch_stats))
+    params, batch_stats = convert.load_backbone(
+      path, jax.device_get(state.params), jax.device_get(state.batch_stats)
+    )
     put = lambda tree: jax.device_put(tree, sharding.replicated(self.mesh))  # noqa: E731
     logging.info("Backbone initialised from %s.", path)
     # The optimizer state holds zeros/moments of the same shapes: it needs no change.
-    return state.replace(params=put(params), batch_stats=put(batch_stats),
-                         ema_params=put(params), ema_batch_stats=put(batch_stats))
+    return state.replace(
+      params=put(params),
+      batch_stats=put(batch_stats),
+      ema_params=put(params),
+      ema_batch_stats=put(batch_stats),
+    )
 
   def restore_saved(self, which="latest"):
     """The state of the best, the latest or a given step's checkpoint (`which`: "best",
@@ -209,25 +235,28 @@ class Run:
     steps = self.checkpointer.all_steps()
     best = self.checkpointer.best_step()
     if not steps and best is None:
-      raise UserInputError(
-          f"{self.workdir} has no checkpoint yet; train first with --mode=train.")
+      raise UserInputError(f"{self.workdir} has no checkpoint yet; train first with --mode=train.")
     listed = f"checkpoints of steps {', '.join(map(str, steps))}" if steps else "no checkpoints"
     if which == "best" and best is None:
       raise UserInputError(
-          f"{self.workdir} has no best checkpoint yet (best/ is written at the first "
-          f"evaluation; the run has {listed}). Use --which=latest or --which=STEP.")
+        f"{self.workdir} has no best checkpoint yet (best/ is written at the first "
+        f"evaluation; the run has {listed}). Use --which=latest or --which=STEP."
+      )
     if which not in ("best", "latest") and int(which) not in steps:
       raise UserInputError(
-          f"{self.workdir} has no checkpoint of step {which}; it has {listed}"
-          + (f" and the best one (step {best}, --which=best)" if best is not None else "") + ".")
+        f"{self.workdir} has no checkpoint of step {which}; it has {listed}"
+        + (f" and the best one (step {best}, --which=best)" if best is not None else "")
+        + "."
+      )
     template = self.initial_state()
     if which == "best":
       return self.checkpointer.restore_best(template)
     if which == "latest":
       state = self.checkpointer.restore_latest(template, {})
       if state is None:
-        raise UserInputError(f"{self.workdir} has no latest checkpoint (only the best one); "
-                             "use --which=best.")
+        raise UserInputError(
+          f"{self.workdir} has no latest checkpoint (only the best one); use --which=best."
+        )
       return state
     return self.checkpointer.restore_step(int(which), template)
 
@@ -254,11 +283,18 @@ class Run:
     built once, so the sizes are read once per run."""
     if self._eval_batches is None:
       self._eval_batches = pipeline.make_eval_batches(
-          self.data.val_source, global_batch_size=self.config.eval.batch_size,
-          process_index=self.process_index, process_count=self.process_count)
-      logging.info("Validation: %d images in %d batches of %d distinct sizes (the eval step "
-                   "compiles once per size).", len(self.data.val_source),
-                   len(self._eval_batches), self._eval_batches.num_shapes)
+        self.data.val_source,
+        global_batch_size=self.config.eval.batch_size,
+        process_index=self.process_index,
+        process_count=self.process_count,
+      )
+      logging.info(
+        "Validation: %d images in %d batches of %d distinct sizes (the eval step "
+        "compiles once per size).",
+        len(self.data.val_source),
+        len(self._eval_batches),
+        self._eval_batches.num_shapes,
+      )
     return self._eval_batches
 
   def evaluate(self, state) -> tuple[dict, dict]:
@@ -291,13 +327,19 @@ class Run:
     count = self.config.num_visualised
     if count == 0:
       return None
-    preds = {who: multihost_utils.process_allgather(self.predict(v, batch["image"]), tiled=True)
-             for who, v in (("student", state.student_variables()),
-                            ("teacher", state.teacher_variables()))}
+    preds = {
+      who: multihost_utils.process_allgather(self.predict(v, batch["image"]), tiled=True)
+      for who, v in (("student", state.student_variables()), ("teacher", state.teacher_variables()))
+    }
     images = multihost_utils.process_allgather(batch["image"], tiled=True)
     masks = multihost_utils.process_allgather(batch["mask"], tiled=True)
-    return viz.prediction_grid(images, masks, [preds["student"], preds["teacher"]],
-                               viz.make_palette(self.data.num_classes), max_rows=count)
+    return viz.prediction_grid(
+      images,
+      masks,
+      [preds["student"], preds["teacher"]],
+      viz.make_palette(self.data.num_classes),
+      max_rows=count,
+    )
 
   def objective_grids(self, state, batch, step: int) -> dict[str, np.ndarray]:
     """Each enabled objective's own pictures (e.g. input | masked input | reconstruction) of
@@ -307,12 +349,17 @@ class Run:
     if count == 0 or not visual:
       return {}
     if self._visualise is None:
+
       def panels(variables, images, masks, rng):
         out = {}
         for objective, cfg in visual:
-          out.update(objective.visualise(self.model, variables, augment.normalize_uint8(images),
-                                         masks, rng, cfg))
+          out.update(
+            objective.visualise(
+              self.model, variables, augment.normalize_uint8(images), masks, rng, cfg
+            )
+          )
         return {k: augment.denormalize_to_uint8(v) for k, v in out.items()}
+
       self._visualise = jax.jit(panels)
     rng = jax.random.fold_in(jax.random.key(self.config.seed), step)
     # The objectives' aux state rides along under "aux" (e.g. CSS's prototypes for its
@@ -323,8 +370,9 @@ class Run:
     grids = {}
     for name, value in out.items():
       value = multihost_utils.process_allgather(value, tiled=True)
-      rows = [list(value[i]) for i in range(min(count, value.shape[0]))
-              if not np.all(masks[i] == 255)]
+      rows = [
+        list(value[i]) for i in range(min(count, value.shape[0])) if not np.all(masks[i] == 255)
+      ]
       if rows:
         grids[name] = viz.image_grid(rows)
     return grids
@@ -367,8 +415,7 @@ class _StopSignals:
       return
     self.received = signum
     again = " (Ctrl-C again quits without saving)" if signum == signal.SIGINT else ""
-    logging.warning("%s: finishing the current step, then saving it%s.", self.NAMES[signum],
-                    again)
+    logging.warning("%s: finishing the current step, then saving it%s.", self.NAMES[signum], again)
 
   def agreed(self, steps_done_here: int, process_count: int) -> int | None:
     """The signal to stop on, the same on every process; None to go on."""
@@ -385,16 +432,20 @@ class _StopSignals:
 def _kept(last_saved, workdir) -> str:
   if last_saved is None:
     return "no checkpoint had been saved yet."
-  return (f"the checkpoint of step {last_saved}, saved before then, is kept in "
-          f"{os.path.join(workdir, 'checkpoints')}.")
+  return (
+    f"the checkpoint of step {last_saved}, saved before then, is kept in "
+    f"{os.path.join(workdir, 'checkpoints')}."
+  )
 
 
 def _check_stop_after(stop_after) -> None:
   if stop_after is None:
     return
   if isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1:
-    raise ConfigError(f"--stop_after={stop_after} is not valid: give the step to stop at (an "
-                      "integer >= 1; the run saves there), or leave it out.")
+    raise ConfigError(
+      f"--stop_after={stop_after} is not valid: give the step to stop at (an "
+      "integer >= 1; the run saves there), or leave it out."
+    )
 
 
 def _fetch_mean(sums: dict, count: int) -> dict:
@@ -402,15 +453,17 @@ def _fetch_mean(sums: dict, count: int) -> dict:
   means = {}
   for key, value in jax.device_get(sums).items():
     if key.endswith("_confusion"):
-      means[key[:-len("_confusion")] + "_miou"] = evaluate.iou_from_confusion(
-          np.asarray(value, np.int64))["miou"]
+      means[key[: -len("_confusion")] + "_miou"] = evaluate.iou_from_confusion(
+        np.asarray(value, np.int64)
+      )["miou"]
     else:
       means[key] = float(value) / count
   return means
 
 
-def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
-                       stop_after: int | None = None) -> dict:
+def train_and_evaluate(
+  config, workdir: str, *, overwrite: bool = False, stop_after: int | None = None
+) -> dict:
   """Trains to `config.total_steps`, resuming if the workdir has a checkpoint.
 
   `stop_after` ends this invocation early at that step (with a checkpoint), e.g. to fit a
@@ -431,10 +484,16 @@ def train_and_evaluate(config, workdir: str, *, overwrite: bool = False,
     except KeyboardInterrupt:
       latest = run.checkpointer.latest_step()
       run.close(after_error=True)
-      kept = ("no checkpoint had been saved yet" if latest is None
-              else f"the latest checkpoint is step {latest}")
-      raise errors.Stopped(f"interrupted by a second Ctrl-C, without saving the current step "
-                           f"({kept}); rerun the same command to continue.", 130) from None
+      kept = (
+        "no checkpoint had been saved yet"
+        if latest is None
+        else f"the latest checkpoint is step {latest}"
+      )
+      raise errors.Stopped(
+        f"interrupted by a second Ctrl-C, without saving the current step "
+        f"({kept}); rerun the same command to continue.",
+        130,
+      ) from None
     except BaseException:
       run.close(after_error=True)
       raise
@@ -447,17 +506,22 @@ def _stopped(run, state, step: int, signum: int, last_saved) -> errors.Stopped:
   name = _StopSignals.NAMES[signum]
   total = run.config.total_steps
   if step == 0:
-    return errors.Stopped(f"stopped by {name} before the first step; nothing to save. Rerun "
-                          "the same command to start.", 128 + signum)
+    return errors.Stopped(
+      f"stopped by {name} before the first step; nothing to save. Rerun the same command to start.",
+      128 + signum,
+    )
   if last_saved != step:
     if not math.isfinite(float(run.param_norm(state.params))):
       raise NonFiniteLossError(
-          f"Stopped by {name} at step {step}, but the parameters are NaN or infinite, so they "
-          f"were not saved; {_kept(last_saved, run.workdir)} Lower optim.lr, or check the data.")
+        f"Stopped by {name} at step {step}, but the parameters are NaN or infinite, so they "
+        f"were not saved; {_kept(last_saved, run.workdir)} Lower optim.lr, or check the data."
+      )
     run.checkpointer.save(step, state, run.iterators)
   run.checkpointer.wait()
-  return errors.Stopped(f"stopped by {name}: saved step {step} of {total}; rerun the same "
-                        "command to continue.", 128 + signum)
+  return errors.Stopped(
+    f"stopped by {name}: saved step {step} of {total}; rerun the same command to continue.",
+    128 + signum,
+  )
 
 
 def _train(run, signals, stop_after) -> dict:
@@ -472,13 +536,24 @@ def _train(run, signals, stop_after) -> dict:
   if start_step:
     logging.info("Resuming %s from step %d.", workdir, start_step)
   if stop_after is not None and start_step >= stop_after and start_step < config.total_steps:
-    logging.info("The run is at step %d already, past --stop_after=%d: nothing to do.",
-                 start_step, stop_after)
-    return {"best": run.checkpointer.best_record(), "state": state, "stopped_at": start_step,
-            "total_steps": config.total_steps}
-  logging.info("Training %s: %d labelled images, %d classes, %d devices, steps %d..%d.",
-               config.model.backbone, len(run.data.labelled_indices), run.data.num_classes,
-               run.mesh.size, start_step, total)
+    logging.info(
+      "The run is at step %d already, past --stop_after=%d: nothing to do.", start_step, stop_after
+    )
+    return {
+      "best": run.checkpointer.best_record(),
+      "state": state,
+      "stopped_at": start_step,
+      "total_steps": config.total_steps,
+    }
+  logging.info(
+    "Training %s: %d labelled images, %d classes, %d devices, steps %d..%d.",
+    config.model.backbone,
+    len(run.data.labelled_indices),
+    run.data.num_classes,
+    run.mesh.size,
+    start_step,
+    total,
+  )
 
   progress = logs.Progress(total, start_step)
   sums, count = None, 0
@@ -502,21 +577,26 @@ def _train(run, signals, stop_after) -> dict:
       means = _fetch_mean(sums, count)
       sums, count = None, 0
       if not all(math.isfinite(v) for k, v in means.items() if k.startswith("train/loss")):
-        after_resume = (f" That is right after resuming from step {start_step}: if the run "
-                        "was fine before, that checkpoint may be damaged."
-                        if start_step and first == start_step else "")
+        after_resume = (
+          f" That is right after resuming from step {start_step}: if the run "
+          "was fine before, that checkpoint may be damaged."
+          if start_step and first == start_step
+          else ""
+        )
         raise NonFiniteLossError(
-            f"A loss became NaN or infinite between steps {first} and {done} "
-            f"({', '.join(f'{k}={v}' for k, v in means.items())}). Training stopped; "
-            f"{_kept(last_saved, workdir)} Lower optim.lr, or check the data.{after_resume}")
+          f"A loss became NaN or infinite between steps {first} and {done} "
+          f"({', '.join(f'{k}={v}' for k, v in means.items())}). Training stopped; "
+          f"{_kept(last_saved, workdir)} Lower optim.lr, or check the data.{after_resume}"
+        )
       means["train/lr"] = float(run.lr_schedule(step))
       means["train/epoch"] = run.epoch(done)
       speed = progress.update(done)
       if speed["steps_per_sec"] is not None:  # unknown at the first log of an invocation
         means["train/steps_per_sec"] = speed["steps_per_sec"]
       run.writer.write_scalars(done, means)
-      logging.info("%s", progress.format_line(done, logs.console_scalars(means),
-                                              lr=means["train/lr"]))
+      logging.info(
+        "%s", progress.format_line(done, logs.console_scalars(means), lr=means["train/lr"])
+      )
     if should_eval:
       t0 = time.monotonic()
       final_eval, final_scores = run.evaluate(state)
@@ -525,9 +605,13 @@ def _train(run, signals, stop_after) -> dict:
       name = config.eval.best_metric
       if run.checkpointer.save_best(done, state, name, final_eval[name]):
         final_eval["eval/is_best"] = 1.0
-      logging.info("eval @%d: student mIoU %.2f, teacher mIoU %.2f (%.1fs)", done,
-                   100 * final_eval["eval/student_miou"], 100 * final_eval["eval/teacher_miou"],
-                   final_eval["eval/seconds"])
+      logging.info(
+        "eval @%d: student mIoU %.2f, teacher mIoU %.2f (%.1fs)",
+        done,
+        100 * final_eval["eval/student_miou"],
+        100 * final_eval["eval/teacher_miou"],
+        final_eval["eval/seconds"],
+      )
       shown = run.first_eval_batch() if config.num_visualised else None
       grids = run.objective_grids(state, shown, done)
       grid = run.prediction_grid(state, shown)
@@ -540,8 +624,9 @@ def _train(run, signals, stop_after) -> dict:
       # The losses can be finite while the update that followed them overflowed.
       if not math.isfinite(float(run.param_norm(state.params))):
         raise NonFiniteLossError(
-            f"The parameters became NaN or infinite at step {done}. Training stopped; "
-            f"{_kept(last_saved, workdir)} Lower optim.lr, or check the data.")
+          f"The parameters became NaN or infinite at step {done}. Training stopped; "
+          f"{_kept(last_saved, workdir)} Lower optim.lr, or check the data."
+        )
       run.checkpointer.save(done, state, run.iterators)
       last_saved = done
   run.checkpointer.wait()
@@ -551,12 +636,18 @@ def _train(run, signals, stop_after) -> dict:
     logging.warning("%s", skipped)
   best = run.checkpointer.best_record()
   if final_eval:
-    logging.info("Final: student mIoU %.2f, teacher mIoU %.2f; best %s %.2f at step %s.",
-                 100 * final_eval["eval/student_miou"], 100 * final_eval["eval/teacher_miou"],
-                 best["metric"] if best else "-", 100 * best["value"] if best else float("nan"),
-                 best["step"] if best else "-")
-    logging.info("Per-class IoU (teacher):\n%s",
-                 evaluate.format_iou_table(final_scores["teacher"], run.data.class_names))
+    logging.info(
+      "Final: student mIoU %.2f, teacher mIoU %.2f; best %s %.2f at step %s.",
+      100 * final_eval["eval/student_miou"],
+      100 * final_eval["eval/teacher_miou"],
+      best["metric"] if best else "-",
+      100 * best["value"] if best else float("nan"),
+      best["step"] if best else "-",
+    )
+    logging.info(
+      "Per-class IoU (teacher):\n%s",
+      evaluate.format_iou_table(final_scores["teacher"], run.data.class_names),
+    )
   results = {**final_eval, "best": best, "state": state, "total_steps": config.total_steps}
   if total < config.total_steps:
     results["stopped_at"] = total
@@ -574,10 +665,17 @@ def evaluate_only(config, workdir: str, *, which="best") -> dict:
     results, scores = run.evaluate(state)
   finally:
     run.close(after_error=True)
-  logging.info("Per-class IoU (teacher):\n%s",
-               evaluate.format_iou_table(scores["teacher"], run.data.class_names))
+  logging.info(
+    "Per-class IoU (teacher):\n%s",
+    evaluate.format_iou_table(scores["teacher"], run.data.class_names),
+  )
   step = int(jax.device_get(state.step))
   what = f"the {which} checkpoint" if which in ("best", "latest") else "the checkpoint"
-  logging.info("eval of %s (step %d): student mIoU %.2f, teacher mIoU %.2f", what, step,
-               100 * results["eval/student_miou"], 100 * results["eval/teacher_miou"])
+  logging.info(
+    "eval of %s (step %d): student mIoU %.2f, teacher mIoU %.2f",
+    what,
+    step,
+    100 * results["eval/student_miou"],
+    100 * results["eval/teacher_miou"],
+  )
   return results

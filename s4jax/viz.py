@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from s4jax.labels import IGNORE_INDEX
+
 # White marks "ignore" pixels in label maps.
 IGNORE_COLOR = (255, 255, 255)
 # Light grey between grid cells. Every channel value of a VOC palette colour
@@ -115,21 +116,21 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], separator: int = 2) -> np.n
     top = i * (cell_h + separator)
     for j in range(num_cols):
       left = j * (cell_w + separator)
-      grid[top:top + cell_h, left:left + cell_w] = 0
+      grid[top : top + cell_h, left : left + cell_w] = 0
       if j < len(cells[i]):
         cell = cells[i][j]
-        grid[top:top + cell.shape[0], left:left + cell.shape[1]] = cell
+        grid[top : top + cell.shape[0], left : left + cell.shape[1]] = cell
   return grid
 
 
 def prediction_grid(
-    images,
-    labels,
-    predictions: Sequence,
-    palette: np.ndarray,
-    *,
-    max_rows: int = 8,
-    separator: int = 2,
+  images,
+  labels,
+  predictions: Sequence,
+  palette: np.ndarray,
+  *,
+  max_rows: int = 8,
+  separator: int = 2,
 ) -> np.ndarray | None:
   """One row per example: image | ground truth | each prediction (e.g. student, teacher).
 
@@ -153,16 +154,18 @@ def prediction_grid(
   predictions = [np.asarray(p) for p in predictions]
   if any(len(p) != len(images) for p in [labels, *predictions]):
     raise ValueError(
-        f"Batch sizes differ: images {len(images)}, labels {len(labels)}, "
-        f"predictions {[len(p) for p in predictions]}")
+      f"Batch sizes differ: images {len(images)}, labels {len(labels)}, "
+      f"predictions {[len(p) for p in predictions]}"
+    )
   if max_rows < 1:
     raise ValueError(f"max_rows must be >= 1, got {max_rows}")
   rows = []
   for i in range(min(len(images), max_rows)):
     if np.all(labels[i] == 255):
       break
-    rows.append([images[i], colorize(labels[i], palette)]
-                + [colorize(p[i], palette) for p in predictions])
+    rows.append(
+      [images[i], colorize(labels[i], palette)] + [colorize(p[i], palette) for p in predictions]
+    )
   return image_grid(rows, separator=separator) if rows else None
 
 

@@ -25,8 +25,19 @@ from s4jax.errors import WorkdirConflictError, WorkdirError
 CONFIG_FILE = "config.json"
 # What a run writes into its workdir (besides config.json): a folder holding only these
 # (e.g. after a start that failed before recording its config) still belongs to s4jax.
-RUN_ENTRIES = frozenset({CONFIG_FILE, CONFIG_FILE + ".tmp", "checkpoints", "best", "damaged",
-                         "metrics.jsonl", "metrics.jsonl.tmp", "tensorboard", "images"})
+RUN_ENTRIES = frozenset(
+  {
+    CONFIG_FILE,
+    CONFIG_FILE + ".tmp",
+    "checkpoints",
+    "best",
+    "damaged",
+    "metrics.jsonl",
+    "metrics.jsonl.tmp",
+    "tensorboard",
+    "images",
+  }
+)
 # Keys evaluation may change without being another run: what it evaluates on and how.
 EVAL_KEY_PREFIXES = ("eval.",)
 EVAL_KEYS = ("data.val_list", "data.num_val")
@@ -48,7 +59,8 @@ def recorded_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.isfile(path):
     raise WorkdirConflictError(
-        f"{path} does not exist: {workdir!r} is not the directory of a training run.")
+      f"{path} does not exist: {workdir!r} is not the directory of a training run."
+    )
   with open(path) as f:
     try:
       values = json.load(f)
@@ -65,8 +77,10 @@ def config_from_dict(values: dict, origin: str, error=WorkdirConflictError):
   def overlay(target, values, prefix):
     for key, value in values.items():
       if key not in target:
-        raise error(f"{origin}: {prefix}{key} is not a config key of this version of s4jax "
-                    "(written by another version?).")
+        raise error(
+          f"{origin}: {prefix}{key} is not a config key of this version of s4jax "
+          "(written by another version?)."
+        )
       if isinstance(value, dict):
         overlay(target[key], value, f"{prefix}{key}.")
       else:
@@ -90,19 +104,23 @@ def differing_keys(old: dict, new: dict) -> list[str]:
   defaults = _flatten(config_as_dict(config_schema.default_config()))
   a, b = _flatten(old), _flatten(new)
   keys = sorted(set(a) | set(b))
-  return [k for k in keys
-          if a.get(k, defaults.get(k, "<absent>")) != b.get(k, defaults.get(k, "<absent>"))
-          and k not in config_schema.OPERATIONAL_KEYS]
+  return [
+    k
+    for k in keys
+    if a.get(k, defaults.get(k, "<absent>")) != b.get(k, defaults.get(k, "<absent>"))
+    and k not in config_schema.OPERATIONAL_KEYS
+  ]
 
 
 def _is_eval_key(key: str) -> bool:
-  return (key in EVAL_KEYS or key.startswith(EVAL_KEY_PREFIXES)
-          or key in registry.eval_keys())
+  return key in EVAL_KEYS or key.startswith(EVAL_KEY_PREFIXES) or key in registry.eval_keys()
 
 
 def _shown_diff(old: dict, new: dict, diff: list[str]) -> str:
-  return "\n".join(f"  {k}: {_flatten(old).get(k, '<absent>')!r} -> "
-                   f"{_flatten(new).get(k, '<absent>')!r}" for k in diff[:12])
+  return "\n".join(
+    f"  {k}: {_flatten(old).get(k, '<absent>')!r} -> {_flatten(new).get(k, '<absent>')!r}"
+    for k in diff[:12]
+  )
 
 
 def _read_record(path: str, advice: str) -> dict:
@@ -111,8 +129,8 @@ def _read_record(path: str, advice: str) -> dict:
       return json.load(f)
   except json.JSONDecodeError as e:
     raise WorkdirConflictError(
-        f"{path} is not valid JSON ({e}); this workdir's run cannot be identified. "
-        f"{advice}") from None
+      f"{path} is not valid JSON ({e}); this workdir's run cannot be identified. {advice}"
+    ) from None
   except OSError as e:
     raise WorkdirError(f"Cannot read {path} ({e.strerror}).") from None
 
@@ -124,8 +142,10 @@ def _moved_name(workdir: str) -> str:
 def _check_folder(workdir: str) -> None:
   """A path that exists must be a folder."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise WorkdirError(f"--workdir={workdir} is a file, not a folder. Give the path of a new "
-                       "(or empty) folder for the run.")
+    raise WorkdirError(
+      f"--workdir={workdir} is a file, not a folder. Give the path of a new "
+      "(or empty) folder for the run."
+    )
 
 
 def _foreign_entries(workdir: str) -> list[str]:
@@ -146,8 +166,9 @@ def _check_writable(workdir: str) -> None:
     os.remove(probe)
   except OSError as e:
     raise WorkdirError(
-        f"Cannot write in --workdir={workdir} ({e.strerror or e}). Give a folder on a "
-        "writable filesystem.") from None
+      f"Cannot write in --workdir={workdir} ({e.strerror or e}). Give a folder on a "
+      "writable filesystem."
+    ) from None
 
 
 def prepare(workdir: str, config, *, overwrite: bool = False, is_writer: bool = True) -> str:
@@ -166,10 +187,11 @@ def prepare(workdir: str, config, *, overwrite: bool = False, is_writer: bool = 
   if foreign:
     shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
     raise WorkdirError(
-        f"--workdir={workdir} is not empty and is not an s4jax run (no {CONFIG_FILE}; it "
-        f"holds {shown}). Nothing was changed. Give a new or empty folder for the run; "
-        "s4jax does not write into, move or delete a folder it did not create, even with "
-        "--overwrite.")
+      f"--workdir={workdir} is not empty and is not an s4jax run (no {CONFIG_FILE}; it "
+      f"holds {shown}). Nothing was changed. Give a new or empty folder for the run; "
+      "s4jax does not write into, move or delete a folder it did not create, even with "
+      "--overwrite."
+    )
   if os.path.exists(path):
     old = _read_record(path, "Use another --workdir, or pass --overwrite to move it aside.")
     diff = differing_keys(old, new)
@@ -177,10 +199,11 @@ def prepare(workdir: str, config, *, overwrite: bool = False, is_writer: bool = 
       status = "resume"
     elif not overwrite:
       raise WorkdirConflictError(
-          f"The workdir {workdir} holds a run with a different config ({len(diff)} keys "
-          f"differ):\n{_shown_diff(old, new, diff)}\nNothing was changed. Use another "
-          "--workdir, or pass --overwrite to move the old run to a sibling folder and start "
-          "afresh.")
+        f"The workdir {workdir} holds a run with a different config ({len(diff)} keys "
+        f"differ):\n{_shown_diff(old, new, diff)}\nNothing was changed. Use another "
+        "--workdir, or pass --overwrite to move the old run to a sibling folder and start "
+        "afresh."
+      )
     else:
       moved = _moved_name(workdir)
       if is_writer:
@@ -193,10 +216,12 @@ def prepare(workdir: str, config, *, overwrite: bool = False, is_writer: bool = 
       os.rename(workdir, moved)
     status = f"moved:{moved}"
   elif os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(
-      os.path.join(workdir, "checkpoints")):
+    os.path.join(workdir, "checkpoints")
+  ):
     raise WorkdirConflictError(
-        f"The workdir {workdir} has checkpoints but no {CONFIG_FILE}, so it cannot be checked "
-        "against this config. Use another --workdir, or pass --overwrite to move it aside.")
+      f"The workdir {workdir} has checkpoints but no {CONFIG_FILE}, so it cannot be checked "
+      "against this config. Use another --workdir, or pass --overwrite to move it aside."
+    )
   if is_writer:
     _check_writable(workdir)
   return status
@@ -219,14 +244,16 @@ def check_for_evaluation(workdir: str, config) -> None:
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.isfile(path):
     raise WorkdirError(
-        f"--workdir={workdir} holds no training run ({path} does not exist). Train first "
-        "with --mode=train, or check the path.")
+      f"--workdir={workdir} holds no training run ({path} does not exist). Train first "
+      "with --mode=train, or check the path."
+    )
   old = _read_record(path, "Evaluate it with the config it was trained with.")
   new = config_as_dict(config)
   diff = [k for k in differing_keys(old, new) if not _is_eval_key(k)]
   if diff:
     raise WorkdirConflictError(
-        f"The run in {workdir} was trained with a different config ({len(diff)} keys "
-        f"differ):\n{_shown_diff(old, new, diff)}\nEvaluation may change only data.val_list, "
-        "data.num_val, eval.* and the operational keys; give the config (and overrides) the "
-        "run was trained with.")
+      f"The run in {workdir} was trained with a different config ({len(diff)} keys "
+      f"differ):\n{_shown_diff(old, new, diff)}\nEvaluation may change only data.val_list, "
+      "data.num_val, eval.* and the operational keys; give the config (and overrides) the "
+      "run was trained with."
+    )

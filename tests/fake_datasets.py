@@ -22,7 +22,7 @@ def _image(rng, height, width):
 def _pattern(height, width, fill, background=0, border=255):
   """background, a block of `fill` in the middle, a `border` stripe on row 1."""
   mask = np.full((height, width), background, np.uint8)
-  mask[height // 4: 3 * height // 4, width // 4: 3 * width // 4] = fill
+  mask[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = fill
   mask[1, :] = border
   return mask
 
@@ -45,13 +45,15 @@ def make_voc(root, num_train=12, num_val=4, with_aug=True, seed=0):
   for i, image_id in enumerate(ids):
     height, width = 40 + 4 * (i % 3), 48 + 4 * (i % 4)  # varying sizes, as VOC
     Image.fromarray(_image(rng, height, width)).save(
-        os.path.join(root, "JPEGImages", f"{image_id}.jpg"), quality=90)
+      os.path.join(root, "JPEGImages", f"{image_id}.jpg"), quality=90
+    )
     mask = _pattern(height, width, fill=1 + i % 20)
     masks[image_id] = mask
     _save_palette_png(os.path.join(root, "SegmentationClass", f"{image_id}.png"), mask)
     if with_aug:  # SBD aug masks: single-channel index PNGs
       Image.fromarray(mask, mode="L").save(
-          os.path.join(root, "SegmentationClassAug", f"{image_id}.png"))
+        os.path.join(root, "SegmentationClassAug", f"{image_id}.png")
+      )
   sets = os.path.join(root, "ImageSets", "Segmentation")
   with open(os.path.join(sets, "train.txt"), "w") as f:
     f.write("\n".join(ids[:num_train]) + "\n")
@@ -78,7 +80,8 @@ def make_cityscapes(root, per_city=4, height=32, width=64, seed=0):
       for frame in range(per_city):
         base = f"{city}_{frame:06d}_000019"
         Image.fromarray(_image(rng, height, width)).save(
-            os.path.join(image_dir, f"{base}_leftImg8bit.png"))
+          os.path.join(image_dir, f"{base}_leftImg8bit.png")
+        )
         raw = _pattern(height, width, fill=label_ids[frame % 3], background=7, border=4)
         raw[-1, :] = 26  # a car row
         Image.fromarray(raw, mode="L").save(os.path.join(mask_dir, f"{base}_gtFine_labelIds.png"))
@@ -98,12 +101,21 @@ def make_folder(root, num_labelled=6, num_unlabelled=4, num_val=4, seed=0, colou
   rng = np.random.default_rng(seed)
   os.makedirs(root, exist_ok=True)
   with open(os.path.join(root, "classes.json"), "w") as f:
-    json.dump({"classes": FOLDER_CLASSES, "palette": FOLDER_PALETTE,
-               "ignore_colour": [255, 255, 255], "background_classes": [0]}, f)
+    json.dump(
+      {
+        "classes": FOLDER_CLASSES,
+        "palette": FOLDER_PALETTE,
+        "ignore_colour": [255, 255, 255],
+        "background_classes": [0],
+      },
+      f,
+    )
   expected = {}
-  plan = ([("train", i, True) for i in range(num_labelled)]
-          + [("train", num_labelled + i, False) for i in range(num_unlabelled)]
-          + [("val", i, True) for i in range(num_val)])
+  plan = (
+    [("train", i, True) for i in range(num_labelled)]
+    + [("train", num_labelled + i, False) for i in range(num_unlabelled)]
+    + [("val", i, True) for i in range(num_val)]
+  )
   for split, i, with_mask in plan:
     sub = "a" if i % 2 else "b"  # nested folders
     image_rel = f"images/{split}/{sub}/img{i}.png" if i % 3 else f"images/{split}/{sub}/img{i}.jpg"

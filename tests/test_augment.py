@@ -25,13 +25,13 @@ def test_grayscale_is_luminance():
 def test_brightness_contrast_saturation_match_numpy():
   img = _rng_image(1)
   luma = img @ np.array([0.299, 0.587, 0.114], np.float32)
-  np.testing.assert_allclose(augment.adjust_brightness(img, 1.3), np.clip(img * 1.3, 0, 1),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    augment.adjust_brightness(img, 1.3), np.clip(img * 1.3, 0, 1), rtol=1e-6
+  )
   expected = np.clip(0.6 * img + 0.4 * luma.mean(), 0, 1)
   np.testing.assert_allclose(augment.adjust_contrast(img, 0.6), expected, rtol=1e-5, atol=1e-6)
   expected = np.clip(1.4 * img - 0.4 * luma[..., None], 0, 1)
-  np.testing.assert_allclose(augment.adjust_saturation(img, 1.4), expected, rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(augment.adjust_saturation(img, 1.4), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_hue_shift_matches_colorsys():
@@ -58,10 +58,11 @@ def test_blur_preserves_constant_images_and_matches_numpy():
   expected = np.zeros_like(img)
   for i in range(img.shape[0]):
     for j in range(img.shape[1]):
-      patch = padded[i:i + 2 * radius + 1, j:j + 2 * radius + 1]
+      patch = padded[i : i + 2 * radius + 1, j : j + 2 * radius + 1]
       expected[i, j] = np.einsum("abc,a,b->c", patch, k, k)
-  np.testing.assert_allclose(augment.gaussian_blur(img, sigma, radius), expected, rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    augment.gaussian_blur(img, sigma, radius), expected, rtol=1e-5, atol=1e-6
+  )
 
 
 def test_color_jitter_with_zero_strength_is_identity():
@@ -74,8 +75,16 @@ def test_color_jitter_with_zero_strength_is_identity():
 
 
 def _strong_cfg(**kw):
-  cfg = dict(brightness=0.5, contrast=0.5, saturation=0.5, hue=0.25, jitter_p=0.8,
-             grayscale_p=0.2, blur_p=0.5, blur_sigma=(0.1, 2.0))
+  cfg = dict(
+    brightness=0.5,
+    contrast=0.5,
+    saturation=0.5,
+    hue=0.25,
+    jitter_p=0.8,
+    grayscale_p=0.2,
+    blur_p=0.5,
+    blur_sigma=(0.1, 2.0),
+  )
   cfg.update(kw)
   return ml_collections.ConfigDict(cfg)
 
@@ -97,8 +106,9 @@ def test_strong_view_probabilities():
 def test_cutmix_box_area_aspect_and_inside():
   h, w = 64, 48
   keys = jax.random.split(jax.random.key(2), 3000)
-  boxes = np.asarray(jax.vmap(
-      lambda k: augment.cutmix_box(k, h, w, (0.02, 0.4), (0.3, 1 / 0.3), 0.5))(keys))
+  boxes = np.asarray(
+    jax.vmap(lambda k: augment.cutmix_box(k, h, w, (0.02, 0.4), (0.3, 1 / 0.3), 0.5))(keys)
+  )
   applied = boxes.any(axis=(1, 2))
   assert abs(applied.mean() - 0.5) < 0.03
   areas = boxes[applied].sum(axis=(1, 2)) / (h * w)
@@ -140,8 +150,9 @@ def test_cutmix_partners_are_the_reversed_batch_and_never_the_example_itself():
     assert partner.min() >= 0 and partner.max() < n
 
 
-def _numpy_obtain_cutmix_box(rng, size, p=0.5, size_min=0.02, size_max=0.4, ratio_1=0.3,
-                             ratio_2=1 / 0.3):
+def _numpy_obtain_cutmix_box(
+  rng, size, p=0.5, size_min=0.02, size_max=0.4, ratio_1=0.3, ratio_2=1 / 0.3
+):
   """UniMatch's obtain_cutmix_box (dataset/transform.py), re-written in NumPy: returns the
   box (h, w), or None when no box is drawn."""
   if rng.random() > p:
@@ -163,14 +174,17 @@ def test_cutmix_box_aspect_quantiles_match_the_reference_sampler():
   ref = [b for b in (_numpy_obtain_cutmix_box(rng, size, p=1.0) for _ in range(draws))]
   ref_aspect = np.array([h / w for h, w in ref])
   ref_area = np.array([h * w for h, w in ref]) / size**2
-  boxes = np.asarray(jax.vmap(
-      lambda k: augment.cutmix_box(k, size, size, (0.02, 0.4), (0.3, 1 / 0.3), 1.0))(
-          jax.random.split(jax.random.key(5), draws)))
+  boxes = np.asarray(
+    jax.vmap(lambda k: augment.cutmix_box(k, size, size, (0.02, 0.4), (0.3, 1 / 0.3), 1.0))(
+      jax.random.split(jax.random.key(5), draws)
+    )
+  )
   rows, cols = boxes.any(axis=2).sum(axis=1), boxes.any(axis=1).sum(axis=1)
   aspect, area = rows / cols, boxes.sum(axis=(1, 2)) / size**2
   qs = (0.1, 0.25, 0.5, 0.75, 0.9)
   # Sampling error of a quantile of 4000 draws is a few percent; clipping (the old sampler)
   # moved the median aspect from ~1.56 to ~1.8, far outside this tolerance.
   np.testing.assert_allclose(np.quantile(aspect, qs), np.quantile(ref_aspect, qs), rtol=0.08)
-  np.testing.assert_allclose(np.quantile(area, qs), np.quantile(ref_area, qs), rtol=0.08,
-                             atol=0.005)
+  np.testing.assert_allclose(
+    np.quantile(area, qs), np.quantile(ref_area, qs), rtol=0.08, atol=0.005
+  )

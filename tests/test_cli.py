@@ -11,26 +11,39 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "shapes_supervised.py")
 TINY = [
-    "--config.total_steps=2", "--config.log_every=1", "--config.eval_every=2",
-    "--config.checkpoint_every=2", "--config.model.width=8", "--config.model.aspp_channels=16",
-    "--config.model.decoder_channels=16", "--config.data.crop_size=32",
-    "--config.data.image_size=48", "--config.data.num_train=32", "--config.data.num_val=8",
-    "--config.eval.batch_size=8", "--config.num_visualised=2",
+  "--config.total_steps=2",
+  "--config.log_every=1",
+  "--config.eval_every=2",
+  "--config.checkpoint_every=2",
+  "--config.model.width=8",
+  "--config.model.aspp_channels=16",
+  "--config.model.decoder_channels=16",
+  "--config.data.crop_size=32",
+  "--config.data.image_size=48",
+  "--config.data.num_train=32",
+  "--config.data.num_val=8",
+  "--config.eval.batch_size=8",
+  "--config.num_visualised=2",
 ]
 
 
 def _cli(*args, timeout=300):
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # one device: what a user gets by default
-  return subprocess.run([sys.executable, "-m", "s4jax.main", *args], capture_output=True,
-                        text=True, timeout=timeout, cwd=REPO, env=env)
+  return subprocess.run(
+    [sys.executable, "-m", "s4jax.main", *args],
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    cwd=REPO,
+    env=env,
+  )
 
 
 def test_cli_trains_evaluates_and_resumes(tmp_path):
   workdir = str(tmp_path / "run")
   cache = tmp_path / "xla_cache"
-  done = _cli(f"--config={CONFIG}", f"--workdir={workdir}", *TINY,
-              f"--compilation_cache={cache}")
+  done = _cli(f"--config={CONFIG}", f"--workdir={workdir}", *TINY, f"--compilation_cache={cache}")
   assert done.returncode == 0, done.stderr[-3000:]
   assert "final student mIoU" in done.stdout
   # The compiled programs went to the persistent cache (one device: "auto" would too).
@@ -48,20 +61,29 @@ def test_cli_trains_evaluates_and_resumes(tmp_path):
   record = os.path.join(workdir, "config.json")
   stamp = os.stat(record).st_mtime_ns
   listing = sorted(os.listdir(workdir))
-  evaluated = _cli(f"--config={CONFIG}", f"--workdir={workdir}", "--mode=eval", *TINY,
-                   "--config.data.num_val=4", f"--compilation_cache={cache}")
+  evaluated = _cli(
+    f"--config={CONFIG}",
+    f"--workdir={workdir}",
+    "--mode=eval",
+    *TINY,
+    "--config.data.num_val=4",
+    f"--compilation_cache={cache}",
+  )
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   assert "eval of the best checkpoint (step 2)" in evaluated.stderr
   assert os.stat(record).st_mtime_ns == stamp
   assert sorted(os.listdir(workdir)) == listing
 
 
-@pytest.mark.parametrize("override, key", [
+@pytest.mark.parametrize(
+  "override, key",
+  [
     ("--config.model.backbone=resnet7", "model.backbone"),
     ("--config.optim.lr=-0.1", "optim.lr"),
     ("--config.data.crop_size=0", "data.crop_size"),
     ("--config.teacher.ema_decay=1.0", "teacher.ema_decay"),
-])
+  ],
+)
 def test_bad_config_value_gives_one_message(tmp_path, override, key):
   done = _cli(f"--config={CONFIG}", f"--workdir={tmp_path}", override)
   assert done.returncode == 2
@@ -93,11 +115,14 @@ def test_workdir_conflict_is_one_message_and_changes_nothing(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["config.json"]
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(
+  "args, message",
+  [
     (["--stop_after=-1"], "--stop_after=-1 is not valid"),
     (["--workdir={file}"], "is a file, not a folder"),
     (["--compilation_cache={file}/x"], "--compilation_cache: cannot create"),
-])
+  ],
+)
 def test_bad_run_arguments_give_one_message(tmp_path, args, message):
   a_file = tmp_path / "notes.txt"
   a_file.write_text("mine")
@@ -115,15 +140,17 @@ def test_loading_every_config_file_imports_no_jax():
   """Config files (and their objective blocks) load without JAX or Flax, e.g. on a login
   node that checks a sweep's configs."""
   code = (
-      "import glob, importlib.util, sys\n"
-      "from s4jax.losses import registry\n"
-      "for path in sorted(glob.glob('configs/*.py')):\n"
-      "  spec = importlib.util.spec_from_file_location('cfg', path)\n"
-      "  module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
-      "  config = module.get_config()\n"
-      "  assert all(name in config.losses for name in registry.BUILT_IN), path\n"
-      "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'optax'))\n"
-      "print('HEAVY', heavy)\n")
-  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                       text=True, check=True).stdout
+    "import glob, importlib.util, sys\n"
+    "from s4jax.losses import registry\n"
+    "for path in sorted(glob.glob('configs/*.py')):\n"
+    "  spec = importlib.util.spec_from_file_location('cfg', path)\n"
+    "  module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+    "  config = module.get_config()\n"
+    "  assert all(name in config.losses for name in registry.BUILT_IN), path\n"
+    "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'optax'))\n"
+    "print('HEAVY', heavy)\n"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+  ).stdout
   assert "HEAVY []" in out, out

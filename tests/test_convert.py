@@ -16,10 +16,22 @@ import torch_writer
 from tiny import tiny_config
 
 # Our module names -> torch's, written out here independently of convert.py.
-_STEM = {"conv1": "conv1", "bn1": "bn1", "conv1_0": "conv1.0", "bn1_0": "conv1.1",
-         "conv1_1": "conv1.3", "bn1_1": "conv1.4", "conv1_2": "conv1.6"}
-_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
-         "var": "running_var"}
+_STEM = {
+  "conv1": "conv1",
+  "bn1": "bn1",
+  "conv1_0": "conv1.0",
+  "bn1_0": "conv1.1",
+  "conv1_1": "conv1.3",
+  "bn1_1": "conv1.4",
+  "conv1_2": "conv1.6",
+}
+_LEAF = {
+  "kernel": "weight",
+  "scale": "weight",
+  "bias": "bias",
+  "mean": "running_mean",
+  "var": "running_var",
+}
 
 
 def _torch_name(path):
@@ -29,7 +41,8 @@ def _torch_name(path):
     return f"{_STEM[module[0]]}.{leaf}"
   layer, block = module[0].split("_")
   inner = {"downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}.get(
-      module[1], module[1])
+    module[1], module[1]
+  )
   return f"{layer}.{block}.{inner}.{leaf}"
 
 
@@ -49,8 +62,9 @@ def _variables(seed, **model):
   net = segmenter.build_segmenter(config.model, 3)
   variables = net.init(jax.random.key(seed), jnp.zeros((1, 32, 32, 3)), train=False)
   # Non-trivial statistics, so that a swap of mean and var would show.
-  stats = jax.tree.map(lambda x: x + jax.random.uniform(jax.random.key(seed), x.shape),
-                       variables["batch_stats"])
+  stats = jax.tree.map(
+    lambda x: x + jax.random.uniform(jax.random.key(seed), x.shape), variables["batch_stats"]
+  )
   return variables["params"], stats
 
 
@@ -61,8 +75,10 @@ def test_torch_weights_land_in_the_backbone(tmp_path, deep_stem):
   np.savez(path, **{f"module.{k}": v for k, v in _as_torch_state_dict(params, stats).items()})
   fresh_params, fresh_stats = _variables(2, deep_stem=deep_stem)
   got_params, got_stats = convert.load_backbone(path, fresh_params, fresh_stats)
-  for want, got in ((params["backbone"], got_params["backbone"]),
-                    (stats["backbone"], got_stats["backbone"])):
+  for want, got in (
+    (params["backbone"], got_params["backbone"]),
+    (stats["backbone"], got_stats["backbone"]),
+  ):
     assert jax.tree.structure(want) == jax.tree.structure(got)
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
       np.testing.assert_array_equal(np.asarray(a), b)
@@ -97,8 +113,10 @@ def test_pth_is_read_without_torch(tmp_path, monkeypatch, writer):
   path = tmp_path / "resnet18.pth"
   path.write_bytes(writer(_as_torch_state_dict(params, stats)))
   got_params, got_stats = convert.load_backbone(str(path), *_variables(2))
-  for want, got in ((params["backbone"], got_params["backbone"]),
-                    (stats["backbone"], got_stats["backbone"])):
+  for want, got in (
+    (params["backbone"], got_params["backbone"]),
+    (stats["backbone"], got_stats["backbone"]),
+  ):
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
       np.testing.assert_array_equal(np.asarray(a), b)
   path.write_bytes(b"not read")
@@ -139,6 +157,7 @@ def test_flax_to_torch_inverts_the_torch_mapping(deep_stem):
 def test_exported_backbone_starts_another_run(tmp_path):
   from s4jax import export_backbone  # pylint: disable=g-import-not-at-top
   from s4jax.errors import UserInputError  # pylint: disable=g-import-not-at-top
+
   workdir = str(tmp_path / "pretrain")
   run = train.Run(tiny_config(), workdir)
   state = run.restore_or_init()
@@ -158,8 +177,7 @@ def test_exported_backbone_starts_another_run(tmp_path):
     export_backbone.export(str(tmp_path / "nothing"), str(tmp_path / "x.npz"))
 
   expected = jax.device_get(state)
-  for name, path, want in (("t", teacher, expected.ema_params),
-                           ("s", student, expected.params)):
+  for name, path, want in (("t", teacher, expected.ema_params), ("s", student, expected.params)):
     new = train.Run(tiny_config(**{"model.pretrained": path}), str(tmp_path / f"run_{name}"))
     got = jax.device_get(new.restore_or_init())
     for a, b in zip(jax.tree.leaves(want["backbone"]), jax.tree.leaves(got.params["backbone"])):

@@ -37,8 +37,8 @@ class _IndexCodedSource:
   def __getitem__(self, index):
     h, w = self._hw(index)
     return {
-        "image": np.full((h, w, 3), index + 1, dtype=np.uint8),
-        "mask": np.full((h, w), index, dtype=np.uint8),
+      "image": np.full((h, w, 3), index + 1, dtype=np.uint8),
+      "mask": np.full((h, w), index, dtype=np.uint8),
     }
 
   def __repr__(self):
@@ -142,8 +142,9 @@ def test_shapes_style_objects_radius_and_rotation():
   assert rectangles >= 3
 
   # With rotation, some rectangle is tilted: it fills visibly less than its box.
-  rotated = shapes.ShapesSource("train", 40, image_size=size, seed=4,
-                                style=dataclasses.replace(style, max_rotation=180.0))
+  rotated = shapes.ShapesSource(
+    "train", 40, image_size=size, seed=4, style=dataclasses.replace(style, max_rotation=180.0)
+  )
   fills = []
   for index in range(len(rotated)):
     mask = rotated[index]["mask"]
@@ -154,8 +155,9 @@ def test_shapes_style_objects_radius_and_rotation():
   assert fills and min(fills) < 0.85, fills
 
   # Many objects: most images show several separate object regions.
-  crowded = shapes.ShapesSource("train", 20, image_size=size, seed=4,
-                                style=shapes.Style(objects=(5, 6), radius=(0.06, 0.08)))
+  crowded = shapes.ShapesSource(
+    "train", 20, image_size=size, seed=4, style=shapes.Style(objects=(5, 6), radius=(0.06, 0.08))
+  )
   regions = [_connected_regions(crowded[i]["mask"] > 0) for i in range(len(crowded))]
   assert np.mean(regions) >= 3, regions
 
@@ -189,13 +191,16 @@ def test_shapes_style_clutter_and_textures():
   assert residual(plain, "object") < 0.8 * residual(busy, "object")
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     ({"objects": (0, 2)}, "objects"),
     ({"objects": (3, 2)}, "objects"),
     ({"radius": (0.2, 0.1)}, "radius"),
     ({"radius": (0.1, 0.6)}, "radius"),
     ({"max_rotation": 200.0}, "max_rotation"),
-])
+  ],
+)
 def test_shapes_style_rejects_bad_values(kwargs, match):
   with pytest.raises(ValueError, match=match):
     shapes.Style(**kwargs)
@@ -234,16 +239,14 @@ def test_random_rescale_sizes_and_nearest_labels():
   mask = label_set[np.random.default_rng(0).integers(0, 3, size=(40, 60))]
   for seed in range(5):
     out_image, out_mask = transforms.random_rescale(
-        image, mask, np.random.default_rng(seed), (0.5, 2.0)
+      image, mask, np.random.default_rng(seed), (0.5, 2.0)
     )
     height, width = out_image.shape[:2]
     assert out_mask.shape == (height, width)
     assert 30 <= width <= 120
     assert abs(height / width - 40 / 60) < 0.05
     assert set(np.unique(out_mask)) <= set(label_set.tolist())
-  out_image, out_mask = transforms.random_rescale(
-      image, None, np.random.default_rng(0), (0.5, 0.5)
-  )
+  out_image, out_mask = transforms.random_rescale(image, None, np.random.default_rng(0), (0.5, 0.5))
   assert out_image.shape == (20, 30, 3) and out_mask is None
 
 
@@ -251,9 +254,7 @@ def test_pad_to_at_least_values():
   image = np.full((5, 8, 3), 9, np.uint8)
   mask = np.full((5, 8), 2, np.uint8)
   valid = np.ones((5, 8), np.uint8)
-  out_image, out_mask, out_valid = transforms.pad_to_at_least(
-      image, mask, valid, 7
-  )
+  out_image, out_mask, out_valid = transforms.pad_to_at_least(image, mask, valid, 7)
   assert out_image.shape == (7, 8, 3)
   assert (out_image[:5] == 9).all() and (out_image[5:] == 0).all()
   assert (out_mask[:5] == 2).all() and (out_mask[5:] == 255).all()
@@ -268,7 +269,7 @@ def test_weak_views_shapes_and_padding():
   mask = np.full((40, 40), 4, np.uint8)
   for seed in range(4):
     out_image, out_valid, out_mask = transforms.weak_unlabelled(
-        image, 32, np.random.default_rng(seed), (0.5, 0.5), mask=mask
+      image, 32, np.random.default_rng(seed), (0.5, 0.5), mask=mask
     )
     assert out_image.shape == (32, 32, 3) and out_image.dtype == np.uint8
     assert out_valid.shape == out_mask.shape == (32, 32)
@@ -282,13 +283,13 @@ def test_weak_views_shapes_and_padding():
 
     # Same geometry without the hidden mask.
     image_only, valid_only = transforms.weak_unlabelled(
-        image, 32, np.random.default_rng(seed), (0.5, 0.5)
+      image, 32, np.random.default_rng(seed), (0.5, 0.5)
     )
     assert np.array_equal(image_only, out_image)
     assert np.array_equal(valid_only, out_valid)
 
     labelled_image, labelled_mask = transforms.weak_labelled(
-        image, mask, 32, np.random.default_rng(seed), (0.5, 0.5)
+      image, mask, 32, np.random.default_rng(seed), (0.5, 0.5)
     )
     assert labelled_image.shape == (32, 32, 3)
     assert np.array_equal(labelled_mask, out_mask)
@@ -299,7 +300,7 @@ def test_crop_and_flip_keep_image_and_mask_aligned():
   flipped = 0
   for seed in range(12):
     out_image, out_mask = transforms.weak_labelled(
-        image, mask, 24, np.random.default_rng(seed), (1.0, 1.0)
+      image, mask, 24, np.random.default_rng(seed), (1.0, 1.0)
     )
     cols = out_image[..., 1].astype(np.int64)
     # Every output pixel still carries the label of the pixel it came from.
@@ -337,9 +338,7 @@ def test_labelled_subset_and_complement():
   assert np.array_equal(subset, pipeline.labelled_subset(100, 0.1, seed=0))
   assert not np.array_equal(subset, pipeline.labelled_subset(100, 0.1, seed=1))
   assert len(pipeline.labelled_subset(100, 0.001, seed=0)) == 1
-  assert np.array_equal(
-      pipeline.labelled_subset(7, 1.0, seed=3), np.arange(7)
-  )
+  assert np.array_equal(pipeline.labelled_subset(7, 1.0, seed=3), np.arange(7))
   complement = pipeline.unlabelled_complement(100, subset)
   assert np.array_equal(np.union1d(subset, complement), np.arange(100))
   assert len(np.intersect1d(subset, complement)) == 0
@@ -353,7 +352,7 @@ def _index_iterator(indices, seed=0, **kwargs):
   kwargs.setdefault("kind", "labelled")
   kwargs.setdefault("scale_range", (0.5, 1.5))
   return pipeline.make_train_iterator(
-      _IndexCodedSource(40), indices, crop_size=16, seed=seed, **kwargs
+    _IndexCodedSource(40), indices, crop_size=16, seed=seed, **kwargs
   )
 
 
@@ -403,8 +402,11 @@ def test_train_iterator_process_shards_are_disjoint_and_cover():
   seen = []
   for process_index in range(3):
     iterator = _index_iterator(
-        indices, seed=1, batch_size=2, process_index=process_index,
-        process_count=3,
+      indices,
+      seed=1,
+      batch_size=2,
+      process_index=process_index,
+      process_count=3,
     )
     ids = []
     for _ in range(3):  # One epoch of the 6-example shard.
@@ -418,8 +420,11 @@ def test_train_iterator_process_shards_are_disjoint_and_cover():
 
 def test_unlabelled_batches_carry_valid_and_hidden_mask():
   iterator = _index_iterator(
-      np.arange(8), kind="unlabelled", batch_size=8, seed=2,
-      scale_range=(0.5, 0.7),
+    np.arange(8),
+    kind="unlabelled",
+    batch_size=8,
+    seed=2,
+    scale_range=(0.5, 0.7),
   )
   batch = next(iterator)
   assert set(batch) == {"image", "valid", "mask"}
@@ -430,13 +435,16 @@ def test_unlabelled_batches_carry_valid_and_hidden_mask():
   assert (batch["valid"] == 0).any(axis=(1, 2)).all()
 
   class ImagesOnly(_IndexCodedSource):
-
     def __getitem__(self, index):
       return {"image": super().__getitem__(index)["image"]}
 
   no_mask = pipeline.make_train_iterator(
-      ImagesOnly(8), np.arange(8), batch_size=2, crop_size=16, seed=0,
-      kind="unlabelled",
+    ImagesOnly(8),
+    np.arange(8),
+    batch_size=2,
+    crop_size=16,
+    seed=0,
+    kind="unlabelled",
   )
   assert set(next(no_mask)) == {"image", "valid"}
 
@@ -454,8 +462,11 @@ def test_train_iterator_workers_match_in_process():
   # Worker processes must import the source, so use the package's own one.
   source = shapes.ShapesSource("train", 12, image_size=24)
   kwargs = dict(
-      batch_size=2, crop_size=16, seed=4, kind="unlabelled",
-      indices=np.arange(12),
+    batch_size=2,
+    crop_size=16,
+    seed=4,
+    kind="unlabelled",
+    indices=np.arange(12),
   )
   in_process = pipeline.make_train_iterator(source, num_workers=0, **kwargs)
   expected = [next(in_process) for _ in range(3)]
@@ -475,8 +486,11 @@ def test_eval_batches_group_sizes_cover_once_and_agree_across_processes():
   plans = []
   for process_index in range(process_count):
     batches = pipeline.make_eval_batches(
-        source, global_batch_size=global_batch, process_index=process_index,
-        process_count=process_count)
+      source,
+      global_batch_size=global_batch,
+      process_index=process_index,
+      process_count=process_count,
+    )
     first_pass, second_pass = list(batches), list(batches)  # re-iterable, same content
     # 11 examples of 4 sizes (3, 3, 3 and 2 of each): batches of 2 -> 2 + 2 + 2 + 1.
     assert batches.num_shapes == 4 and len(first_pass) == len(second_pass) == 7

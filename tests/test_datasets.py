@@ -33,9 +33,9 @@ def trees(tmp_path_factory):
   """One fake tree per dataset, shared by the read-only tests of this module."""
   base = tmp_path_factory.mktemp("trees")
   return {
-      "voc": (str(base / "voc"), fake_datasets.make_voc(str(base / "voc"))),
-      "cityscapes": (str(base / "cs"), fake_datasets.make_cityscapes(str(base / "cs"))),
-      "folder": (str(base / "folder"), fake_datasets.make_folder(str(base / "folder"))),
+    "voc": (str(base / "voc"), fake_datasets.make_voc(str(base / "voc"))),
+    "cityscapes": (str(base / "cs"), fake_datasets.make_cityscapes(str(base / "cs"))),
+    "folder": (str(base / "folder"), fake_datasets.make_folder(str(base / "folder"))),
   }
 
 
@@ -51,6 +51,7 @@ def _copy(trees, name, tmp_path):
 
 
 # ---- decoding and label mapping ---------------------------------------------------------
+
 
 def test_voc_palette_is_the_standard_colour_map():
   colours = voc.palette()
@@ -89,7 +90,8 @@ def test_voc_without_aug_masks_trains_on_train_txt(tmp_path):
   fake_datasets.make_voc(root, num_train=5, num_val=3, with_aug=False)
   spec = _build("voc", root, **{"data.labelled_fraction": 1.0})
   assert [files.stem(e.image) for e in spec.train_source.entries] == [
-      f"2007_{i:06d}" for i in range(5)]
+    f"2007_{i:06d}" for i in range(5)
+  ]
   assert all(e.mask.startswith("SegmentationClass/") for e in spec.train_source.entries)
 
 
@@ -102,9 +104,9 @@ def test_cityscapes_maps_label_ids_to_train_ids(trees):
     for i in range(len(source)):
       np.testing.assert_array_equal(source[i]["mask"], expected[source.entries[i].image])
   mask = spec.val_source[0]["mask"]
-  assert mask[0, 0] == 0      # label id 7 (road) -> 0
-  assert mask[1, 0] == 255    # label id 4 (static) -> ignore
-  assert mask[-1, 0] == 13    # label id 26 (car) -> 13
+  assert mask[0, 0] == 0  # label id 7 (road) -> 0
+  assert mask[1, 0] == 255  # label id 4 (static) -> ignore
+  assert mask[-1, 0] == 13  # label id 26 (car) -> 13
   table = cityscapes.label_id_table()
   assert table[33] == 18 and table[24] == 11 and table[0] == 255 and table[34] == -1
 
@@ -116,7 +118,8 @@ def test_cityscapes_label_train_ids_are_read_as_they_are(tmp_path):
     label_ids = os.path.join(root, cityscapes.mask_path_for(image))
     os.remove(label_ids)
     Image.fromarray(mask, mode="L").save(
-        label_ids.replace(cityscapes.LABEL_IDS_SUFFIX, cityscapes.TRAIN_IDS_SUFFIX))
+      label_ids.replace(cityscapes.LABEL_IDS_SUFFIX, cityscapes.TRAIN_IDS_SUFFIX)
+    )
   spec = _build("cityscapes", root)
   entry = spec.val_source.entries[0]
   assert entry.mask.endswith(cityscapes.TRAIN_IDS_SUFFIX)
@@ -133,11 +136,13 @@ def test_folder_dataset_index_or_colour_masks(tmp_path, colour_masks):
   assert len(spec.labelled_indices) == 6 and len(spec.unlabelled_indices) == 4
   assert not spec.unlabelled_has_masks
   for i in spec.labelled_indices:
-    np.testing.assert_array_equal(spec.train_source[i]["mask"],
-                                  expected[spec.train_source.entries[i].image])
+    np.testing.assert_array_equal(
+      spec.train_source[i]["mask"], expected[spec.train_source.entries[i].image]
+    )
   assert "mask" not in spec.train_source[int(spec.unlabelled_indices[0])]
-  np.testing.assert_array_equal(spec.val_source[0]["mask"],
-                                expected[spec.val_source.entries[0].image])
+  np.testing.assert_array_equal(
+    spec.val_source[0]["mask"], expected[spec.val_source.entries[0].image]
+  )
 
 
 def test_source_repr_is_stable_and_independent_of_root(trees, tmp_path):
@@ -152,13 +157,18 @@ def test_source_repr_is_stable_and_independent_of_root(trees, tmp_path):
 
 # ---- splits -----------------------------------------------------------------------------
 
+
 def test_read_split_file_formats(tmp_path):
   path = tmp_path / "labeled.txt"
-  path.write_text("# a comment\nJPEGImages/a.jpg SegmentationClass/a.png\n\n"
-                  "JPEGImages/b.jpg\n2007_000003\n")
+  path.write_text(
+    "# a comment\nJPEGImages/a.jpg SegmentationClass/a.png\n\nJPEGImages/b.jpg\n2007_000003\n"
+  )
   rows = splits.read_split_file(str(path))
-  assert [r[:2] for r in rows] == [("JPEGImages/a.jpg", "SegmentationClass/a.png"),
-                                   ("JPEGImages/b.jpg", None), ("2007_000003", None)]
+  assert [r[:2] for r in rows] == [
+    ("JPEGImages/a.jpg", "SegmentationClass/a.png"),
+    ("JPEGImages/b.jpg", None),
+    ("2007_000003", None),
+  ]
   assert rows[0][2] == f"{path}:2"
   path.write_text("a b c\n")
   with pytest.raises(DataError, match=r"labeled.txt:1 has 3 columns"):
@@ -170,17 +180,26 @@ def test_named_split_two_column_and_id_lists(trees, tmp_path):
   split_dir = os.path.join(root, "splits", "92")
   os.makedirs(split_dir)
   # Published format: "JPEGImages/<id>.jpg SegmentationClass/<id>.png" pairs.
-  splits.write_split_file(os.path.join(split_dir, "labeled.txt"), [
+  splits.write_split_file(
+    os.path.join(split_dir, "labeled.txt"),
+    [
       ("JPEGImages/2007_000003.jpg", "SegmentationClass/2007_000003.png"),
-      ("JPEGImages/2007_000005.jpg", "SegmentationClass/2007_000005.png")])
+      ("JPEGImages/2007_000005.jpg", "SegmentationClass/2007_000005.png"),
+    ],
+  )
   with open(os.path.join(split_dir, "unlabeled.txt"), "w") as f:
     f.write("2007_000000\n2007_000001\n2007_000002\n")  # bare ids
   spec = _build("voc", root, **{"data.split": "92"})
   entries = spec.train_source.entries
   assert [entries[i].image for i in spec.labelled_indices] == [
-      "JPEGImages/2007_000003.jpg", "JPEGImages/2007_000005.jpg"]
+    "JPEGImages/2007_000003.jpg",
+    "JPEGImages/2007_000005.jpg",
+  ]
   assert [files.stem(entries[i].image) for i in spec.unlabelled_indices] == [
-      "2007_000000", "2007_000001", "2007_000002"]
+    "2007_000000",
+    "2007_000001",
+    "2007_000002",
+  ]
   assert spec.unlabelled_has_masks  # the ids resolve to their aug masks
   # data.use_unlabelled_masks=False: the same images, their masks never read.
   off = _build("voc", root, **{"data.split": "92", "data.use_unlabelled_masks": False})
@@ -218,27 +237,44 @@ def test_generate_split_is_deterministic_and_class_balanced():
     counts = presence[labelled].sum(0)
     assert counts.min() >= 2, counts
     np.testing.assert_array_equal(
-        labelled, splits.generate_split(100, 8, seed, class_presence=presence)[0])
+      labelled, splits.generate_split(100, 8, seed, class_presence=presence)[0]
+    )
 
 
 def test_split_command_writes_loadable_files(trees, tmp_path):
   root = trees["folder"][0]
   out = str(tmp_path / "split")
-  splits.main(["--dataset=folder", f"--root={root}", "--num_labelled=3", "--seed=1",
-               "--class_balanced", f"--out={out}"])
+  splits.main(
+    [
+      "--dataset=folder",
+      f"--root={root}",
+      "--num_labelled=3",
+      "--seed=1",
+      "--class_balanced",
+      f"--out={out}",
+    ]
+  )
   labelled = splits.read_split_file(os.path.join(out, "labeled.txt"))
   unlabelled = splits.read_split_file(os.path.join(out, "unlabeled.txt"))
   assert len(labelled) == 3 and len(unlabelled) == 7  # 6 masked + 4 unmasked images
   assert all(second is not None for _, second, _ in labelled)
-  spec = _build("folder", root, **{"data.labelled_list": os.path.join(out, "labeled.txt"),
-                                   "data.unlabelled_list": os.path.join(out, "unlabeled.txt")})
+  spec = _build(
+    "folder",
+    root,
+    **{
+      "data.labelled_list": os.path.join(out, "labeled.txt"),
+      "data.unlabelled_list": os.path.join(out, "unlabeled.txt"),
+    },
+  )
   assert len(spec.labelled_indices) == 3 and len(spec.unlabelled_indices) == 7
 
 
 # ---- TFDS -------------------------------------------------------------------------------
 
+
 def test_tfds_round_trip_matches_the_files(trees, tmp_path):
   from s4jax.data import tfds_builders  # pylint: disable=import-outside-toplevel
+
   tfds_dir = str(tmp_path / "tfds")
   for name in ("voc", "cityscapes"):
     counts = tfds_builders.prepare(name, trees[name][0], tfds_dir)
@@ -246,8 +282,10 @@ def test_tfds_round_trip_matches_the_files(trees, tmp_path):
     from_tfds = _build(name, "", **{"data.source": "tfds", "data.tfds_dir": tfds_dir})
     assert counts == {"train": len(from_files.train_source), "val": len(from_files.val_source)}
     np.testing.assert_array_equal(from_files.labelled_indices, from_tfds.labelled_indices)
-    for a, b in ((from_files.train_source, from_tfds.train_source),
-                 (from_files.val_source, from_tfds.val_source)):
+    for a, b in (
+      (from_files.train_source, from_tfds.train_source),
+      (from_files.val_source, from_tfds.val_source),
+    ):
       assert len(a) == len(b)
       for i in range(len(a)):
         x, y = a[i], b[i]
@@ -256,8 +294,11 @@ def test_tfds_round_trip_matches_the_files(trees, tmp_path):
         assert a.image_hw(i) == b.image_hw(i)
   # A wrong root fails before TFDS writes anything; not prepared: the message says how.
   from s4jax.data import prepare  # pylint: disable=import-outside-toplevel
-  assert prepare.main(["--dataset=voc", f"--root={tmp_path / 'nowhere'}",
-                       f"--out={tmp_path / 'other'}"]) == 2
+
+  assert (
+    prepare.main(["--dataset=voc", f"--root={tmp_path / 'nowhere'}", f"--out={tmp_path / 'other'}"])
+    == 2
+  )
   assert not os.path.exists(tmp_path / "other")
   with pytest.raises(DataError, match=r"python -m s4jax.data.prepare --dataset=voc"):
     _build("voc", "", **{"data.source": "tfds", "data.tfds_dir": str(tmp_path / "none")})
@@ -269,6 +310,7 @@ def test_no_tensorflow_in_the_environment():
 
 
 # ---- evaluation batches and sliding window ----------------------------------------------
+
 
 def test_eval_batches_hold_one_image_size_each_and_never_pad(trees):
   spec = _build("voc", trees["voc"][0])
@@ -294,11 +336,13 @@ def test_sliding_window_covers_cityscapes_frames_with_801_534():
   images = jnp.asarray(np.random.default_rng(1).normal(size=(1, 1024, 2048, 3)), jnp.float32)
   pointwise = lambda x: x @ weights  # noqa: E731  (per-pixel: windows cannot change it)
   sliding = jax.jit(lambda x: evaluate.sliding_window_probabilities(pointwise, x, 4, 801, 534))
-  np.testing.assert_allclose(np.asarray(sliding(images)),
-                             np.asarray(jax.nn.softmax(pointwise(images), axis=-1)), atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(sliding(images)), np.asarray(jax.nn.softmax(pointwise(images), axis=-1)), atol=1e-5
+  )
 
 
 # ---- OHEM -------------------------------------------------------------------------------
+
 
 def _ohem_reference(logits, labels, threshold, min_kept):
   """NumPy transcription of UniMatch util/ohem.py (ProbOhemCrossEntropy2d)."""
@@ -337,18 +381,22 @@ def test_ohem_keeps_hard_pixels_only_and_labelled_loss_dispatches():
   logits = jnp.asarray([[[10.0, 0.0], [10.0, 0.0], [0.0, 1.0], [2.0, 0.0]]])
   labels = jnp.asarray([[0, 0, 0, 1]])
   hard = supervised.pixel_cross_entropy(logits, labels)[0][0, 2:]
-  np.testing.assert_allclose(float(supervised.ohem_cross_entropy(logits, labels, 0.7, 1)),
-                             float(hard.mean()), rtol=1e-6)
+  np.testing.assert_allclose(
+    float(supervised.ohem_cross_entropy(logits, labels, 0.7, 1)), float(hard.mean()), rtol=1e-6
+  )
   loss_config = config_schema.default_config().losses
   assert float(supervised.labelled_loss(logits, labels, loss_config)) == pytest.approx(
-      float(supervised.cross_entropy(logits, labels)))
+    float(supervised.cross_entropy(logits, labels))
+  )
   loss_config.unlock()
   loss_config.supervised, loss_config.ohem_min_kept = "ohem", 1
   assert float(supervised.labelled_loss(logits, labels, loss_config)) == pytest.approx(
-      float(hard.mean()))
+    float(hard.mean())
+  )
 
 
 # ---- bad input --------------------------------------------------------------------------
+
 
 def test_missing_root_and_wrong_layout_show_the_expected_tree(trees, tmp_path):
   with pytest.raises(DataError, match=r"does not exist(.|\n)*JPEGImages/<id>.jpg"):
@@ -387,8 +435,11 @@ def test_bad_files_name_the_file(trees, tmp_path):
   mask = np.asarray(Image.open(os.path.join(root, entries[2].mask))).copy()
   mask[5, 5] = 30
   Image.fromarray(mask, mode="L").save(os.path.join(root, entries[2].mask))
-  with pytest.raises(DataError, match=rf"Mask .*{entries[2].mask} has label values \[30\] "
-                     r"outside the valid ones \(0..20; 255 = ignore\)"):
+  with pytest.raises(
+    DataError,
+    match=rf"Mask .*{entries[2].mask} has label values \[30\] "
+    r"outside the valid ones \(0..20; 255 = ignore\)",
+  ):
     spec.train_source[2]
   # colour mask without a palette
   Image.fromarray(np.zeros(mask.shape + (3,), np.uint8)).save(os.path.join(root, entries[3].mask))
@@ -396,8 +447,10 @@ def test_bad_files_name_the_file(trees, tmp_path):
     spec.train_source[3]
   # a split line naming a missing file: file and line
   listing = tmp_path / "list.txt"
-  listing.write_text("JPEGImages/2007_000004.jpg SegmentationClass/2007_000004.png\n"
-                     "JPEGImages/missing.jpg SegmentationClass/missing.png\n")
+  listing.write_text(
+    "JPEGImages/2007_000004.jpg SegmentationClass/2007_000004.png\n"
+    "JPEGImages/missing.jpg SegmentationClass/missing.png\n"
+  )
   with pytest.raises(DataError, match=rf"missing.jpg does not exist \(listed at {listing}:2\)"):
     _build("voc", root, **{"data.labelled_list": str(listing)})
 
@@ -425,14 +478,19 @@ def test_skip_counts_bad_examples_across_worker_processes(trees, tmp_path):
   listing.write_text("\n".join(good + ["JPEGImages/gone.jpg SegmentationClassAug/gone.png"]))
   with open(os.path.join(root, "JPEGImages", "2007_000001.jpg"), "wb") as f:
     f.write(b"broken")
-  spec = _build("voc", root, **{"data.on_bad_example": "skip",
-                                "data.labelled_list": str(listing)})
+  spec = _build("voc", root, **{"data.on_bad_example": "skip", "data.labelled_list": str(listing)})
   assert len(spec.labelled_indices) == 6  # the missing line is left out (and counted)
   # The bad image is replaced by the next good one.
   np.testing.assert_array_equal(spec.train_source[1]["image"], spec.train_source[2]["image"])
   stream = pipeline.make_train_iterator(
-      spec.train_source, spec.labelled_indices, batch_size=3, crop_size=16, seed=0,
-      kind="labelled", num_workers=1)
+    spec.train_source,
+    spec.labelled_indices,
+    batch_size=3,
+    crop_size=16,
+    seed=0,
+    kind="labelled",
+    num_workers=1,
+  )
   for _ in range(4):  # two epochs: the bad image is met in the worker process
     assert next(stream)["image"].shape == (3, 16, 16, 3)
   summary = spec.skipped_summary()
@@ -441,53 +499,93 @@ def test_skip_counts_bad_examples_across_worker_processes(trees, tmp_path):
   # "stop" raises through the grain pipeline with the file's name.
   stopping = _build("voc", root, **{"data.labelled_fraction": 1.0})
   bad = [e.image for e in stopping.train_source.entries].index("JPEGImages/2007_000001.jpg")
-  stream = pipeline.make_train_iterator(stopping.train_source, [bad], batch_size=1,
-                                        crop_size=16, seed=0, kind="labelled")
+  stream = pipeline.make_train_iterator(
+    stopping.train_source, [bad], batch_size=1, crop_size=16, seed=0, kind="labelled"
+  )
   with pytest.raises(DataError, match=r"2007_000001.jpg"):
     next(stream)
 
 
 def test_unlabelled_stream_reads_real_files(trees):
   spec = _build("folder", trees["folder"][0], **{"data.labelled_fraction": 1.0})
-  stream = pipeline.make_train_iterator(spec.train_source, spec.unlabelled_indices,
-                                        batch_size=2, crop_size=24, seed=0, kind="unlabelled")
+  stream = pipeline.make_train_iterator(
+    spec.train_source,
+    spec.unlabelled_indices,
+    batch_size=2,
+    crop_size=24,
+    seed=0,
+    kind="unlabelled",
+  )
   batch = next(stream)
   assert set(batch) == {"image", "valid"} and batch["image"].shape == (2, 24, 24, 3)
 
 
 # ---- the command line -------------------------------------------------------------------
 
-TINY = ["--config.total_epochs=0", "--config.total_steps=2", "--config.log_every=1",
-        "--config.eval_every=2",
-        "--config.checkpoint_every=2", "--config.model.backbone=resnet18",
-        "--config.model.width=8", "--config.model.aspp_channels=16",
-        "--config.model.decoder_channels=16", "--config.data.crop_size=32",
-        "--config.batch_size=2", "--config.unlabelled_batch_size=2",
-        "--config.eval.batch_size=2", "--config.num_visualised=1"]
+TINY = [
+  "--config.total_epochs=0",
+  "--config.total_steps=2",
+  "--config.log_every=1",
+  "--config.eval_every=2",
+  "--config.checkpoint_every=2",
+  "--config.model.backbone=resnet18",
+  "--config.model.width=8",
+  "--config.model.aspp_channels=16",
+  "--config.model.decoder_channels=16",
+  "--config.data.crop_size=32",
+  "--config.batch_size=2",
+  "--config.unlabelled_batch_size=2",
+  "--config.eval.batch_size=2",
+  "--config.num_visualised=1",
+]
 
 
 def _cli(*args):
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # one device
-  return subprocess.run([sys.executable, "-m", "s4jax.main", *args], capture_output=True,
-                        text=True, timeout=400, cwd=REPO, env=env)
+  return subprocess.run(
+    [sys.executable, "-m", "s4jax.main", *args],
+    capture_output=True,
+    text=True,
+    timeout=400,
+    cwd=REPO,
+    env=env,
+  )
 
 
-@pytest.mark.parametrize("name, config, extra", [
+@pytest.mark.parametrize(
+  "name, config, extra",
+  [
     # The flagship: UniMatch + class-wise MIM on VOC through its config (which starts from
     # voc_unimatch.py), whole-image eval at each image's size; 16-px patches on the 32-px crop.
-    ("voc", "voc_cwmim.py", ["--config.data.labelled_fraction=0.5",
-                             "--config.losses.cwmim.patch_size=16"]),
+    (
+      "voc",
+      "voc_cwmim.py",
+      ["--config.data.labelled_fraction=0.5", "--config.losses.cwmim.patch_size=16"],
+    ),
     # Cityscapes: sliding-window eval and the OHEM config (supervised: one compile fewer).
-    ("cityscapes", "cityscapes_unimatch.py",
-     ["--config.method=supervised", "--config.eval.window=32", "--config.eval.stride=21",
-      "--config.data.labelled_fraction=0.5"]),
+    (
+      "cityscapes",
+      "cityscapes_unimatch.py",
+      [
+        "--config.method=supervised",
+        "--config.eval.window=32",
+        "--config.eval.stride=21",
+        "--config.data.labelled_fraction=0.5",
+      ],
+    ),
     ("folder", "folder_supervised.py", []),
-])
+  ],
+)
 def test_cli_trains_and_evaluates_each_dataset(trees, tmp_path, name, config, extra):
   workdir = str(tmp_path / "run")
-  done = _cli(f"--config=configs/{config}", f"--workdir={workdir}",
-              f"--config.data.root={trees[name][0]}", *TINY, *extra)
+  done = _cli(
+    f"--config=configs/{config}",
+    f"--workdir={workdir}",
+    f"--config.data.root={trees[name][0]}",
+    *TINY,
+    *extra,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   assert "final student mIoU" in done.stdout
   records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -499,19 +597,27 @@ def test_cli_trains_and_evaluates_each_dataset(trees, tmp_path, name, config, ex
 
 
 def test_cli_bad_root_is_one_message_with_the_tree(tmp_path):
-  done = _cli("--config=configs/voc_supervised.py", f"--workdir={tmp_path / 'run'}",
-              f"--config.data.root={tmp_path / 'nowhere'}", *TINY)
+  done = _cli(
+    "--config=configs/voc_supervised.py",
+    f"--workdir={tmp_path / 'run'}",
+    f"--config.data.root={tmp_path / 'nowhere'}",
+    *TINY,
+  )
   assert done.returncode == 2
   assert "s4jax: error: The dataset directory" in done.stderr
   assert "SegmentationClassAug/<id>.png" in done.stderr
   assert "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("overrides, key", [
+@pytest.mark.parametrize(
+  "overrides, key",
+  [
     ({"data.source": "hdfs"}, "data.source"),
     ({"data.on_bad_example": "ignore"}, "data.on_bad_example"),
-    ({"data.name": "voc", "data.root": "/x", "data.split": "92",
-      "data.labelled_list": "a.txt"}, "data.split"),
+    (
+      {"data.name": "voc", "data.root": "/x", "data.split": "92", "data.labelled_list": "a.txt"},
+      "data.split",
+    ),
     ({"data.name": "voc", "data.source": "tfds"}, "data.tfds_dir"),
     ({"teacher.source": "ema_student"}, "teacher.source"),
     ({"method": "unimatch_v2", "teacher.source": "student"}, "teacher.source"),
@@ -520,7 +626,8 @@ def test_cli_bad_root_is_one_message_with_the_tree(tmp_path):
     ({"data.shapes.objects": (2, 1)}, "data.shapes.objects"),
     ({"data.shapes.radius": (0.0, 0.2)}, "data.shapes.radius"),
     ({"data.shapes.max_rotation": -5.0}, "data.shapes.max_rotation"),
-])
+  ],
+)
 def test_new_config_keys_are_validated(overrides, key):
   with pytest.raises(ConfigError, match=rf"config\.{key}="):
     config_schema.validate(tiny_config(**overrides))

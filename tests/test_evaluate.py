@@ -103,7 +103,7 @@ def test_format_iou_table():
 def test_summed_batch_confusions_equal_concatenated():
   pred, label = _random_pred_label(2, (6, 9, 11), K)
   fn = jax.jit(evaluate.confusion_matrix, static_argnums=(2,))
-  total = sum(np.asarray(fn(pred[i:i + 2], label[i:i + 2], K)) for i in range(0, 6, 2))
+  total = sum(np.asarray(fn(pred[i : i + 2], label[i : i + 2], K)) for i in range(0, 6, 2))
   np.testing.assert_array_equal(total, np.asarray(fn(pred, label, K)))
 
 
@@ -112,8 +112,9 @@ def test_confusion_under_batch_sharding():
   mesh = Mesh(devices, ("data",))
   pred, label = _random_pred_label(3, (len(devices), 8, 8), K)
   sharding = NamedSharding(mesh, P("data"))
-  fn = jax.jit(lambda p, l: evaluate.confusion_matrix(p, l, K),
-               out_shardings=NamedSharding(mesh, P()))
+  fn = jax.jit(
+    lambda p, l: evaluate.confusion_matrix(p, l, K), out_shardings=NamedSharding(mesh, P())
+  )
   got = fn(jax.device_put(pred, sharding), jax.device_put(label, sharding))
   np.testing.assert_array_equal(np.asarray(got), _np_confusion(pred, label, K))
 
@@ -168,10 +169,13 @@ def test_sliding_equals_whole_when_window_covers_image(conv_predict):
   np.testing.assert_allclose(got, whole, atol=1e-6)
 
 
-@pytest.mark.parametrize("shape,window,stride", [
-    ((2, 20, 28, 3), 8, 5),    # Overlaps and flush last windows on both axes.
-    ((1, 12, 30, 3), 16, 6),   # H < window (padded), W slid.
-])
+@pytest.mark.parametrize(
+  "shape,window,stride",
+  [
+    ((2, 20, 28, 3), 8, 5),  # Overlaps and flush last windows on both axes.
+    ((1, 12, 30, 3), 16, 6),  # H < window (padded), W slid.
+  ],
+)
 def test_sliding_equals_whole_for_pointwise_predictor(shape, window, stride):
   images = _images(2, shape)
   whole = jax.nn.softmax(_pointwise_predict(images), axis=-1)

@@ -26,21 +26,26 @@ def _heads(cfg):
 def _init_aux(cfg, num_classes, feature_widths):
   del cfg
   # Sized from what the segmenter reports, as CSS's K x D prototypes are.
-  return {"class_means": jnp.zeros((num_classes, feature_widths["fused"]), jnp.float32),
-          "updates": jnp.zeros((), jnp.int32)}
+  return {
+    "class_means": jnp.zeros((num_classes, feature_widths["fused"]), jnp.float32),
+    "updates": jnp.zeros((), jnp.int32),
+  }
 
 
 def _loss(ctx, cfg, aux):
   embedding = ctx.head("probe_projection", ctx.labelled_features, train=True)
   loss = cfg.weight * jnp.mean(jnp.square(embedding))
-  labels = jax.image.resize(ctx.labelled_mask.astype(jnp.float32),
-                            ctx.labelled_features.shape[:3], "nearest").astype(jnp.int32)
-  one_hot = jax.nn.one_hot(labels, ctx.num_classes)                     # ignore -> zeros
+  labels = jax.image.resize(
+    ctx.labelled_mask.astype(jnp.float32), ctx.labelled_features.shape[:3], "nearest"
+  ).astype(jnp.int32)
+  one_hot = jax.nn.one_hot(labels, ctx.num_classes)  # ignore -> zeros
   sums = jnp.einsum("nhwk,nhwc->kc", one_hot, ctx.labelled_features.astype(jnp.float32))
   counts = one_hot.sum(axis=(0, 1, 2))[:, None]
   means = jax.lax.stop_gradient(sums / jnp.maximum(counts, 1.0))
-  new_aux = {"class_means": jnp.where(counts > 0, means, aux["class_means"]),
-             "updates": aux["updates"] + 1}
+  new_aux = {
+    "class_means": jnp.where(counts > 0, means, aux["class_means"]),
+    "updates": aux["updates"] + 1,
+  }
   return loss, {"loss": loss}, new_aux
 
 
@@ -48,9 +53,12 @@ def _targets(ctx, cfg, aux):
   del aux
   # Every weak-view pixel becomes a fully confident `cfg.label`, at half weight.
   t = ctx.targets
-  new = method_base.Targets(pseudo=jnp.full_like(t.pseudo, cfg.label),
-                            confidence=jnp.ones_like(t.confidence),
-                            weight=0.5 * t.weight, logits=t.logits)
+  new = method_base.Targets(
+    pseudo=jnp.full_like(t.pseudo, cfg.label),
+    confidence=jnp.ones_like(t.confidence),
+    weight=0.5 * t.weight,
+    logits=t.logits,
+  )
   changed = jnp.mean((t.pseudo != cfg.label).astype(jnp.float32))
   return new, {"changed": changed}
 
@@ -60,18 +68,29 @@ def _refine_eval(model, variables, images, logits, cfg):
   return logits.at[..., cfg.label].add(1e4)  # evaluation then predicts `label` everywhere
 
 
-PROBE = objective_lib.Objective(name="probe", heads=_heads, loss=_loss, init_aux=_init_aux,
-                                targets=_targets, refine_eval=_refine_eval)
+PROBE = objective_lib.Objective(
+  name="probe",
+  heads=_heads,
+  loss=_loss,
+  init_aux=_init_aux,
+  targets=_targets,
+  refine_eval=_refine_eval,
+)
 
 
 @pytest.fixture(scope="module")
 def probe_run(tmp_path_factory):
   registry.register(PROBE)
-  config = tiny_config(method="fixmatch", total_steps=2, log_every=1, eval_every=2,
-                       checkpoint_every=2, num_visualised=0)
+  config = tiny_config(
+    method="fixmatch",
+    total_steps=2,
+    log_every=1,
+    eval_every=2,
+    checkpoint_every=2,
+    num_visualised=0,
+  )
   config.unlock()
-  config.losses.probe = ml_collections.ConfigDict({"enabled": True, "weight": 0.1,
-                                                   "label": 1})
+  config.losses.probe = ml_collections.ConfigDict({"enabled": True, "weight": 0.1, "label": 1})
   config.lock()
   workdir = str(tmp_path_factory.mktemp("probe"))
   try:
@@ -98,13 +117,16 @@ def test_outside_objective_trains_its_head_and_state(probe_run):
 
 def test_outside_objective_state_is_checkpointed_exactly(probe_run):
   _, results, restored, _ = probe_run
-  for a, b in zip(jax.tree.leaves(jax.device_get(results["state"].aux)),
-                  jax.tree.leaves(jax.device_get(restored.aux))):
+  for a, b in zip(
+    jax.tree.leaves(jax.device_get(results["state"].aux)),
+    jax.tree.leaves(jax.device_get(restored.aux)),
+  ):
     np.testing.assert_array_equal(a, b)
 
 
 def test_target_hook_changes_what_the_unlabelled_loss_trains_on(probe_run):
   from s4jax import logs
+
   _, _, _, workdir = probe_run
   rows = [r for r in logs.read_metrics(f"{workdir}/metrics.jsonl") if "train/loss" in r]
   assert len(rows) == 2

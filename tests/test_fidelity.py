@@ -37,16 +37,18 @@ def test_two_passes_of_a_step_draw_independent_dropout_masks():
   model = segmenter.build_segmenter(config.model, NUM_CLASSES)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
   images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
-  passes = method_base.StudentPasses(model, variables["params"], variables["batch_stats"],
-                                   jax.random.key(2))
+  passes = method_base.StudentPasses(
+    model, variables["params"], variables["batch_stats"], jax.random.key(2)
+  )
   first = passes(images)["logits"]
   passes.batch_stats = variables["batch_stats"]  # same statistics: only dropout differs
   second = passes(images)["logits"]
   assert not np.allclose(first, second)
   # Without dropout the same two passes agree: the difference above is the masks.
   plain = segmenter.build_segmenter(tiny_config().model, NUM_CLASSES)
-  passes = method_base.StudentPasses(plain, variables["params"], variables["batch_stats"],
-                                   jax.random.key(2))
+  passes = method_base.StudentPasses(
+    plain, variables["params"], variables["batch_stats"], jax.random.key(2)
+  )
   a = passes(images)["logits"]
   passes.batch_stats = variables["batch_stats"]
   np.testing.assert_allclose(a, passes(images)["logits"], rtol=1e-6)
@@ -59,15 +61,23 @@ def _strong_views_on(devices, config, images, valid, pseudo, conf):
   @jax.jit
   def fn(key, images, valid, pseudo, conf):
     view = method_base.strong_views(key, images, valid, config)
-    return method_base.with_targets(view, method_base.Targets(
-        pseudo=pseudo, confidence=conf, weight=jnp.ones_like(conf), logits=None))
+    return method_base.with_targets(
+      view,
+      method_base.Targets(pseudo=pseudo, confidence=conf, weight=jnp.ones_like(conf), logits=None),
+    )
 
   return jax.device_get(fn(jax.random.key(0), put(images), put(valid), put(pseudo), put(conf)))
 
 
 def test_cutmix_partner_is_global_with_one_unlabelled_image_per_device():
-  config = tiny_config(**{"augment.jitter_p": 0.0, "augment.grayscale_p": 0.0,
-                          "augment.blur_p": 0.0, "augment.cutmix_p": 1.0})
+  config = tiny_config(
+    **{
+      "augment.jitter_p": 0.0,
+      "augment.grayscale_p": 0.0,
+      "augment.blur_p": 0.0,
+      "augment.cutmix_p": 1.0,
+    }
+  )
   n, h, w = 8, 16, 16  # one image per device on 8 devices
   rng = np.random.default_rng(1)
   images = rng.random((n, h, w, 3)).astype(np.float32)
@@ -114,13 +124,15 @@ class _RecordingPasses:
 
 def _unlabelled(config, x_w, source):
   n, h, w = x_w.shape[:3]
-  views = (method_base.strong_views(jax.random.key(3), jnp.clip(x_w, 0, 1),
-                                    jnp.ones((n, h, w)), config),)
+  views = (
+    method_base.strong_views(jax.random.key(3), jnp.clip(x_w, 0, 1), jnp.ones((n, h, w)), config),
+  )
   teacher = None
   if source == "ema":  # a teacher whose labels are all class 2
     teacher = jnp.zeros((n, h, w, NUM_CLASSES)).at[..., 2].set(5.0)
-  return method_base.Unlabelled(weak=x_w, valid=jnp.ones((n, h, w)), views=views,
-                                teacher_logits=teacher)
+  return method_base.Unlabelled(
+    weak=x_w, valid=jnp.ones((n, h, w)), views=views, teacher_logits=teacher
+  )
 
 
 @pytest.mark.parametrize("source", ["ema", "student"])
@@ -149,8 +161,10 @@ def _count_model_calls(config):
   """Forwards (`model.apply` calls) that one traced train step makes."""
   model = segmenter.build_segmenter(config.model, NUM_CLASSES)
   tx = optim.make_optimizer(config.optim, config.total_steps)
-  state = jax.eval_shape(functools.partial(state_lib.init_state, model, tx,
-                                           image_shape=(1, 32, 32, 3)), jax.random.key(0))
+  state = jax.eval_shape(
+    functools.partial(state_lib.init_state, model, tx, image_shape=(1, 32, 32, 3)),
+    jax.random.key(0),
+  )
   calls = []
 
   class Counting:
@@ -163,11 +177,17 @@ def _count_model_calls(config):
     def clone(self, **kwargs):  # segmenter.feature_widths: shapes only, not a forward
       return model.clone(**kwargs)
 
-  batch = {"image": jnp.zeros((2, 32, 32, 3), jnp.uint8), "mask": jnp.zeros((2, 32, 32),
-                                                                            jnp.uint8),
-           "u_image": jnp.zeros((2, 32, 32, 3), jnp.uint8), "u_valid": jnp.ones((2, 32, 32))}
-  jax.eval_shape(functools.partial(step_lib.train_step, model=Counting(), tx=tx, config=config,
-                                   mesh=None), state, batch)
+  batch = {
+    "image": jnp.zeros((2, 32, 32, 3), jnp.uint8),
+    "mask": jnp.zeros((2, 32, 32), jnp.uint8),
+    "u_image": jnp.zeros((2, 32, 32, 3), jnp.uint8),
+    "u_valid": jnp.ones((2, 32, 32)),
+  }
+  jax.eval_shape(
+    functools.partial(step_lib.train_step, model=Counting(), tx=tx, config=config, mesh=None),
+    state,
+    batch,
+  )
   return calls
 
 
@@ -186,9 +206,13 @@ class _SizedSource:
 
   def __init__(self, sizes, seed=0):
     rng = np.random.default_rng(seed)
-    self.examples = [{"image": rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
-                      "mask": rng.integers(0, NUM_CLASSES, (h, w)).astype(np.uint8)}
-                     for h, w in sizes]
+    self.examples = [
+      {
+        "image": rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
+        "mask": rng.integers(0, NUM_CLASSES, (h, w)).astype(np.uint8),
+      }
+      for h, w in sizes
+    ]
 
   def __len__(self):
     return len(self.examples)
@@ -200,8 +224,7 @@ class _SizedSource:
     return f"_SizedSource({len(self)})"
 
 
-def test_whole_image_evaluation_equals_each_image_alone_at_its_own_size(
-    tiny_model_and_variables):
+def test_whole_image_evaluation_equals_each_image_alone_at_its_own_size(tiny_model_and_variables):
   config, model, variables = tiny_model_and_variables
   sizes = [(37, 45), (40, 40), (37, 45), (29, 51), (40, 40), (37, 45)]
   source = _SizedSource(sizes)

@@ -13,18 +13,21 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPU = os.path.join(REPO, "launch", "tpu")
 SBATCH = os.path.join(REPO, "launch", "slurm", "train.sbatch")
-TRAIN_ARGS = ["--config=configs/voc_unimatch.py", "--workdir=/mnt/s4jax/runs/voc 92",
-              "--config.data.split=92"]
-BASE_ENV = {"TPU_NAME": "s4jax-test", "ZONE": "us-central2-b", "DRY_RUN": "1",
-            "POLL_SECONDS": "0"}
+TRAIN_ARGS = [
+  "--config=configs/voc_unimatch.py",
+  "--workdir=/mnt/s4jax/runs/voc 92",
+  "--config.data.split=92",
+]
+BASE_ENV = {"TPU_NAME": "s4jax-test", "ZONE": "us-central2-b", "DRY_RUN": "1", "POLL_SECONDS": "0"}
 
 
 def _script(name, *args, **env):
   full = {k: v for k, v in os.environ.items() if k not in BASE_ENV}
   full.update(BASE_ENV)
   full.update(env)
-  return subprocess.run([os.path.join(TPU, name), *args], capture_output=True, text=True,
-                        env=full, timeout=60, cwd=REPO)
+  return subprocess.run(
+    [os.path.join(TPU, name), *args], capture_output=True, text=True, env=full, timeout=60, cwd=REPO
+  )
 
 
 def _commands(done):
@@ -38,8 +41,14 @@ def _flag(argv, name):
 
 
 def _training(argv):
-  return argv[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "s4jax-test"] and \
-      "s4jax.main" in (_flag(argv, "command") or "")
+  return argv[:6] == [
+    "gcloud",
+    "compute",
+    "tpus",
+    "tpu-vm",
+    "ssh",
+    "s4jax-test",
+  ] and "s4jax.main" in (_flag(argv, "command") or "")
 
 
 def test_create_uses_gclouds_verbs_and_tiers():
@@ -52,13 +61,17 @@ def test_create_uses_gclouds_verbs_and_tiers():
   assert _flag(create, "zone") == "us-central2-b" and "--spot" in create
   assert describe[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "describe"]
 
-  done = _script("create.sh", ACCELERATOR="v5litepod-8", MODE="queued",
-                 PROVISIONING="reserved", PROJECT="my-project",
-                 FAKE_STATES="WAITING_FOR_RESOURCES PROVISIONING ACTIVE")
+  done = _script(
+    "create.sh",
+    ACCELERATOR="v5litepod-8",
+    MODE="queued",
+    PROVISIONING="reserved",
+    PROJECT="my-project",
+    FAKE_STATES="WAITING_FOR_RESOURCES PROVISIONING ACTIVE",
+  )
   assert done.returncode == 0, done.stderr
   create, *describes = _commands(done)
-  assert create[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create",
-                        "s4jax-test-qr"]
+  assert create[:6] == ["gcloud", "compute", "tpus", "queued-resources", "create", "s4jax-test-qr"]
   assert _flag(create, "node-id") == "s4jax-test"
   assert _flag(create, "runtime-version") == "v2-alpha-tpuv5-lite"
   assert "--reserved" in create and _flag(create, "project") == "my-project"
@@ -86,8 +99,9 @@ def test_setup_copies_the_code_and_installs_it_on_every_worker():
 
   done = _script("setup.sh", CODE="clone", REPO_URL="https://example.org/s4jax.git")
   clone = _commands(done)[0]
-  assert "git clone --depth=1 --branch=main https://example.org/s4jax.git s4jax" in \
-      _flag(clone, "command")
+  assert "git clone --depth=1 --branch=main https://example.org/s4jax.git s4jax" in _flag(
+    clone, "command"
+  )
 
 
 def test_train_runs_the_same_command_on_every_worker():
@@ -100,11 +114,14 @@ def test_train_runs_the_same_command_on_every_worker():
   assert remote[start:] == ["-m", "s4jax.main", "--distributed", *TRAIN_ARGS]
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(
+  "args, message",
+  [
     (["--config=c.py", "--workdir=gs://bucket/runs/x"], "GCS_BUCKET=bucket"),
     (["--config=c.py"], "give --workdir=DIR"),
     (["--workdir=/mnt/x", "--distributed"], "do not pass --distributed"),
-])
+  ],
+)
 def test_train_refuses_what_cannot_work_on_a_slice(args, message):
   done = _script("train.sh", *args)
   assert done.returncode == 2
@@ -124,29 +141,37 @@ def test_delete():
   assert vm[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "s4jax-test"]
   assert "--quiet" in vm
   (queued,) = _commands(_script("delete.sh", MODE="queued"))
-  assert queued[:6] == ["gcloud", "compute", "tpus", "queued-resources", "delete",
-                        "s4jax-test-qr"]
+  assert queued[:6] == ["gcloud", "compute", "tpus", "queued-resources", "delete", "s4jax-test-qr"]
   assert "--force" in queued and "--quiet" in queued
 
 
-@pytest.mark.parametrize("mode, states", [
+@pytest.mark.parametrize(
+  "mode, states",
+  [
     ("vm", "READY PREEMPTED READY"),
     ("queued", "NOT_FOUND WAITING_FOR_RESOURCES ACTIVE SUSPENDED PROVISIONING ACTIVE"),
-])
+  ],
+)
 def test_supervise_recreates_a_preempted_slice_and_reruns_the_same_command(mode, states):
-  done = _script("supervise.sh", *TRAIN_ARGS, MODE=mode, PROVISIONING="spot",
-                 FAKE_STATES=states, FAKE_TRAIN_STATUS="255 0")
+  done = _script(
+    "supervise.sh",
+    *TRAIN_ARGS,
+    MODE=mode,
+    PROVISIONING="spot",
+    FAKE_STATES=states,
+    FAKE_TRAIN_STATUS="255 0",
+  )
   assert done.returncode == 0, done.stderr
   commands = _commands(done)
   trainings = [i for i, c in enumerate(commands) if _training(c)]
   assert len(trainings) == 2
   assert commands[trainings[0]] == commands[trainings[1]]  # the same command resumes
-  between = [c[4] for c in commands[trainings[0] + 1:trainings[1]]]  # the gcloud verbs
+  between = [c[4] for c in commands[trainings[0] + 1 : trainings[1]]]  # the gcloud verbs
   # After the failed attempt: read the state, delete the gone slice, create it again, wait
   # for it, install the code again, then train.
   assert between[:3] == ["describe", "delete", "create"]
   assert "scp" in between and between.index("scp") > between.index("create")
-  create = commands[trainings[0] + 1:][between.index("create")]
+  create = commands[trainings[0] + 1 :][between.index("create")]
   assert "--spot" in create
   if mode == "queued":
     assert commands[0][3:5] == ["queued-resources", "describe"]
@@ -156,8 +181,14 @@ def test_supervise_recreates_a_preempted_slice_and_reruns_the_same_command(mode,
 
 
 def test_supervise_stops_after_repeated_failures_on_a_healthy_slice():
-  done = _script("supervise.sh", *TRAIN_ARGS, FAKE_STATES="READY", FAKE_TRAIN_STATUS="2",
-                 MAX_FAILURES="2", DELETE_WHEN_DONE="1")
+  done = _script(
+    "supervise.sh",
+    *TRAIN_ARGS,
+    FAKE_STATES="READY",
+    FAKE_TRAIN_STATUS="2",
+    MAX_FAILURES="2",
+    DELETE_WHEN_DONE="1",
+  )
   assert done.returncode == 2
   commands = _commands(done)
   assert sum(_training(c) for c in commands) == 2
@@ -166,6 +197,7 @@ def test_supervise_stops_after_repeated_failures_on_a_healthy_slice():
 
 
 # ---- SLURM --------------------------------------------------------------------------------
+
 
 def _directives():
   return [line.split(None, 1)[1].strip() for line in open(SBATCH) if line.startswith("#SBATCH")]
@@ -180,14 +212,23 @@ def test_sbatch_asks_for_one_process_per_gpu_a_requeue_and_a_warning_signal():
   assert tasks and gpus and tasks[0].split("=")[1] == gpus[0].split("=")[1]
   assert "--nodes=2" in directives
   env = {**os.environ, "DRY_RUN": "1"}
-  done = subprocess.run(["bash", SBATCH, *TRAIN_ARGS], capture_output=True, text=True,
-                        env=env, timeout=30, cwd=REPO)
+  done = subprocess.run(
+    ["bash", SBATCH, *TRAIN_ARGS], capture_output=True, text=True, env=env, timeout=30, cwd=REPO
+  )
   assert done.returncode == 0, done.stderr
   (line,) = [l for l in done.stdout.splitlines() if l.startswith("+ ")]
-  assert shlex.split(line[2:]) == ["srun", "--kill-on-bad-exit=1", "python", "-m",
-                                   "s4jax.main", "--distributed", *TRAIN_ARGS]
-  done = subprocess.run(["bash", SBATCH, "--config=c.py"], capture_output=True, text=True,
-                        env=env, timeout=30, cwd=REPO)
+  assert shlex.split(line[2:]) == [
+    "srun",
+    "--kill-on-bad-exit=1",
+    "python",
+    "-m",
+    "s4jax.main",
+    "--distributed",
+    *TRAIN_ARGS,
+  ]
+  done = subprocess.run(
+    ["bash", SBATCH, "--config=c.py"], capture_output=True, text=True, env=env, timeout=30, cwd=REPO
+  )
   assert done.returncode == 2 and "give --workdir=DIR" in done.stderr
 
 
@@ -197,29 +238,38 @@ def _fake_slurm(tmp_path, srun_exit):
   bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
   bin_dir.mkdir()
   scripts = {
-      "srun": f"""echo "srun $*" >> {log}
+    "srun": f"""echo "srun $*" >> {log}
 echo $$ > {tmp_path}/srun.pid
 if [ "{srun_exit}" != wait ]; then exit {srun_exit}; fi
 trap 'echo "srun: SIGTERM" >> {log}; exit 0' TERM
 while true; do sleep 0.05; done""",
-      "scancel": f"""echo "scancel $*" >> {log}
+    "scancel": f"""echo "scancel $*" >> {log}
 kill -TERM "$(cat {tmp_path}/srun.pid)" """,
-      "scontrol": f"""echo "scontrol $*" >> {log}""",
+    "scontrol": f"""echo "scontrol $*" >> {log}""",
   }
   for name, body in scripts.items():
     path = bin_dir / name
     path.write_text("#!/usr/bin/env bash\n" + body + "\n")
     path.chmod(0o755)
-  env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
-         "S4JAX_REPO": str(tmp_path)}
+  env = {
+    **os.environ,
+    "PATH": f"{bin_dir}:{os.environ['PATH']}",
+    "SLURM_JOB_ID": "4242",
+    "S4JAX_REPO": str(tmp_path),
+  }
   env.pop("DRY_RUN", None)
   return env, log
 
 
 def test_sbatch_time_limit_warning_checkpoints_and_requeues(tmp_path):
   env, log = _fake_slurm(tmp_path, "wait")
-  job = subprocess.Popen(["bash", SBATCH, *TRAIN_ARGS], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+  job = subprocess.Popen(
+    ["bash", SBATCH, *TRAIN_ARGS],
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   deadline = time.monotonic() + 20
   while not (tmp_path / "srun.pid").exists() and time.monotonic() < deadline:
     time.sleep(0.05)
@@ -234,7 +284,8 @@ def test_sbatch_time_limit_warning_checkpoints_and_requeues(tmp_path):
 @pytest.mark.parametrize("srun_exit", [0, 3])
 def test_sbatch_without_a_warning_returns_trainings_status(tmp_path, srun_exit):
   env, log = _fake_slurm(tmp_path, srun_exit)
-  done = subprocess.run(["bash", SBATCH, *TRAIN_ARGS], env=env, capture_output=True,
-                        text=True, timeout=30)
+  done = subprocess.run(
+    ["bash", SBATCH, *TRAIN_ARGS], env=env, capture_output=True, text=True, timeout=30
+  )
   assert done.returncode == srun_exit
   assert [c.split()[0] for c in log.read_text().splitlines()] == ["srun"]  # no requeue

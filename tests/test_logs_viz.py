@@ -20,14 +20,17 @@ from s4jax import viz
 def test_jsonl_round_trip_converts_scalars_and_nan(tmp_path):
   workdir = str(tmp_path / "run")
   writer = logs.MetricWriter(workdir)
-  writer.write_scalars(1, {
+  writer.write_scalars(
+    1,
+    {
       "train/loss": np.float32(0.5),
       "train/acc": jnp.asarray(0.25, dtype=jnp.float32),
       "train/count": np.int64(7),
       "train/nan": float("nan"),
       "train/inf": np.float64(np.inf),
       "eval/miou": 0.75,
-  })
+    },
+  )
   writer.write_scalars(np.int32(2), {"train/loss": jnp.float32(0.125)})
   writer.close()
 
@@ -41,7 +44,14 @@ def test_jsonl_round_trip_converts_scalars_and_nan(tmp_path):
   assert records == strict
   first = records[0]
   assert list(first) == [
-      "step", "train/loss", "train/acc", "train/count", "train/nan", "train/inf", "eval/miou"]
+    "step",
+    "train/loss",
+    "train/acc",
+    "train/count",
+    "train/nan",
+    "train/inf",
+    "eval/miou",
+  ]
   assert first["step"] == 1 and type(first["step"]) is int
   assert first["train/loss"] == 0.5 and type(first["train/loss"]) is float
   assert first["train/acc"] == 0.25
@@ -101,8 +111,8 @@ def test_write_images_png(tmp_path):
   with logs.MetricWriter(str(tmp_path)) as writer:
     paths = writer.write_images(42, {"val/predictions": image, "gray": image[..., 0]})
   assert paths == [
-      str(tmp_path / "images" / "val_predictions_0000042.png"),
-      str(tmp_path / "images" / "gray_0000042.png"),
+    str(tmp_path / "images" / "val_predictions_0000042.png"),
+    str(tmp_path / "images" / "gray_0000042.png"),
   ]
   with Image.open(paths[0]) as png:
     assert png.size == (7, 5)  # PIL reports (width, height).
@@ -116,7 +126,6 @@ def test_write_images_rejects_float(tmp_path):
 
 
 class FakeClock:
-
   def __init__(self, times):
     self._times = iter(times)
 
@@ -146,7 +155,9 @@ def test_progress_format_line():
   assert line == "step  120/1000 | loss_sup 0.8123 | lr 9.1e-03 | 3.20 steps/s | ETA 5m02s"
 
 
-@pytest.mark.parametrize("seconds, expected", [
+@pytest.mark.parametrize(
+  "seconds, expected",
+  [
     (0, "0s"),
     (12, "12s"),
     (12.4, "12s"),
@@ -158,7 +169,8 @@ def test_progress_format_line():
     (-5, "0s"),
     (math.inf, "?"),
     (math.nan, "?"),
-])
+  ],
+)
 def test_format_duration(seconds, expected):
   assert logs.format_duration(seconds) == expected
 
@@ -206,18 +218,21 @@ def test_prediction_grid_layout_and_panel_colours():
   assert grid.dtype == np.uint8
   for i in range(n):
     top = i * (h + sep)
-    np.testing.assert_array_equal(grid[top:top + h, 0:w], images[i])
+    np.testing.assert_array_equal(grid[top : top + h, 0:w], images[i])
     np.testing.assert_array_equal(
-        grid[top:top + h, w + sep:2 * w + sep], viz.colorize(labels[i], palette))
+      grid[top : top + h, w + sep : 2 * w + sep], viz.colorize(labels[i], palette)
+    )
     np.testing.assert_array_equal(
-        grid[top:top + h, 2 * (w + sep):3 * w + 2 * sep],
-        viz.colorize(np.asarray(predictions[i]), palette))
+      grid[top : top + h, 2 * (w + sep) : 3 * w + 2 * sep],
+      viz.colorize(np.asarray(predictions[i]), palette),
+    )
     np.testing.assert_array_equal(
-        grid[top:top + h, 3 * (w + sep):], viz.colorize(np.asarray(teacher[i]), palette))
+      grid[top : top + h, 3 * (w + sep) :], viz.colorize(np.asarray(teacher[i]), palette)
+    )
   # Separators are drawn between rows and panels.
   sep_colour = np.asarray(viz.SEPARATOR_COLOR, np.uint8)
-  assert (grid[h:h + sep, :] == sep_colour).all()
-  assert (grid[:, w:w + sep] == sep_colour).all()
+  assert (grid[h : h + sep, :] == sep_colour).all()
+  assert (grid[:, w : w + sep] == sep_colour).all()
   # max_rows caps the number of rows.
   capped = viz.prediction_grid(images, labels, [predictions], palette, max_rows=2, separator=sep)
   assert capped.shape == (2 * h + sep, 3 * w + 2 * sep, 3)

@@ -33,13 +33,10 @@ def _num_params(params) -> int:
 @functools.cache
 def _resnet_abstract(depth, output_stride, deep_stem=False, width=WIDTH):
   """(abstract variables, abstract features) of a ResNet, via eval_shape."""
-  model = resnet.ResNet(depth, output_stride=output_stride,
-                        deep_stem=deep_stem, width=width)
+  model = resnet.ResNet(depth, output_stride=output_stride, deep_stem=deep_stem, width=width)
   x = jax.ShapeDtypeStruct((2, IMAGE, IMAGE, 3), jnp.float32)
-  variables = jax.eval_shape(
-      lambda x: model.init(jax.random.key(0), x, train=False), x)
-  features = jax.eval_shape(
-      lambda v, x: model.apply(v, x, train=False), variables, x)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+  features = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
   return variables, features
 
 
@@ -53,14 +50,18 @@ def test_resnet_stage_shapes(depth, output_stride):
   low_channels, high_channels = resnet.resnet_output_channels(depth, WIDTH)
   expansion = high_channels // (8 * WIDTH)
   # Nominal strides of the stem and the four stages: the last ones dilate instead.
-  strides = dict(zip(["stem", "layer1", "layer2", "layer3", "layer4"],
-                     (2, 4, 8, min(16, output_stride), output_stride)))
+  strides = dict(
+    zip(
+      ["stem", "layer1", "layer2", "layer3", "layer4"],
+      (2, 4, 8, min(16, output_stride), output_stride),
+    )
+  )
   channels = {
-      "stem": WIDTH,
-      "layer1": low_channels,
-      "layer2": 2 * WIDTH * expansion,
-      "layer3": 4 * WIDTH * expansion,
-      "layer4": high_channels,
+    "stem": WIDTH,
+    "layer1": low_channels,
+    "layer2": 2 * WIDTH * expansion,
+    "layer3": 4 * WIDTH * expansion,
+    "layer4": high_channels,
   }
   assert set(features) == set(strides)
   for name, stride in strides.items():
@@ -79,14 +80,14 @@ def test_resnet_output_channels():
 
 
 @pytest.mark.parametrize(
-    "depth, expected",
-    [
-        # torchvision's parameters() count minus the fc layer.
-        (18, 11_689_512 - 513_000),
-        (34, 21_797_672 - 513_000),
-        (50, 25_557_032 - 2_049_000),
-        (101, 44_549_160 - 2_049_000),
-    ],
+  "depth, expected",
+  [
+    # torchvision's parameters() count minus the fc layer.
+    (18, 11_689_512 - 513_000),
+    (34, 21_797_672 - 513_000),
+    (50, 25_557_032 - 2_049_000),
+    (101, 44_549_160 - 2_049_000),
+  ],
 )
 def test_resnet_param_count_matches_torchvision(depth, expected):
   variables, _ = _resnet_abstract(depth, 32, width=64)
@@ -108,8 +109,7 @@ def test_resnet_param_names_match_torchvision_layout():
       for k in (1, 2, 3):
         assert f"conv{k}" in block and f"bn{k}" in block
   assert params["layer1_0"]["conv1"]["kernel"].shape == (1, 1, WIDTH, WIDTH)
-  assert params["layer1_0"]["downsample_conv"]["kernel"].shape == (
-      1, 1, WIDTH, 4 * WIDTH)
+  assert params["layer1_0"]["downsample_conv"]["kernel"].shape == (1, 1, WIDTH, 4 * WIDTH)
   assert "layer4_3" not in params
 
   params18 = _resnet_abstract(18, 16)[0]["params"]
@@ -142,16 +142,15 @@ def test_resnet_deep_stem(depth):
 def _conv3x3_strides_and_dilations(depth, output_stride):
   model = resnet.ResNet(depth, output_stride=output_stride, width=WIDTH)
   variables, _ = _resnet_abstract(depth, output_stride)
-  jaxpr = jax.make_jaxpr(
-      lambda v, x: model.apply(v, x, train=False))(
-          variables, jnp.zeros((1, 32, 32, 3)))
+  jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(
+    variables, jnp.zeros((1, 32, 32, 3))
+  )
   out = []
   for eqn in jaxpr.jaxpr.eqns:
     if eqn.primitive.name == "conv_general_dilated":
       rhs_shape = eqn.invars[1].aval.shape
       if rhs_shape[:2] == (3, 3):
-        out.append((eqn.params["window_strides"][0],
-                    eqn.params["rhs_dilation"][0]))
+        out.append((eqn.params["window_strides"][0], eqn.params["rhs_dilation"][0]))
   return out
 
 
@@ -159,10 +158,13 @@ def test_resnet50_os8_dilation_schedule_matches_torchvision():
   # torchvision with replace_stride_with_dilation=[False, True, True]: the
   # first block of a dilated stage uses the previous stage's dilation.
   expected = (
-      [(1, 1)] * 3                     # layer1
-      + [(2, 1)] + [(1, 1)] * 3        # layer2
-      + [(1, 1)] + [(1, 2)] * 5        # layer3 (dilated)
-      + [(1, 2)] + [(1, 4)] * 2        # layer4 (dilated)
+    [(1, 1)] * 3  # layer1
+    + [(2, 1)]
+    + [(1, 1)] * 3  # layer2
+    + [(1, 1)]
+    + [(1, 2)] * 5  # layer3 (dilated)
+    + [(1, 2)]
+    + [(1, 4)] * 2  # layer4 (dilated)
   )
   assert _conv3x3_strides_and_dilations(50, 8) == expected
 
@@ -170,10 +172,13 @@ def test_resnet50_os8_dilation_schedule_matches_torchvision():
 def test_resnet18_os16_dilation_schedule():
   # BasicBlock: both 3x3 convs of a block share its dilation.
   expected = (
-      [(1, 1), (1, 1)] * 2                          # layer1
-      + [(2, 1), (1, 1)] + [(1, 1), (1, 1)]         # layer2
-      + [(2, 1), (1, 1)] + [(1, 1), (1, 1)]         # layer3
-      + [(1, 1), (1, 1)] + [(1, 2), (1, 2)]         # layer4 (dilated)
+    [(1, 1), (1, 1)] * 2  # layer1
+    + [(2, 1), (1, 1)]
+    + [(1, 1), (1, 1)]  # layer2
+    + [(2, 1), (1, 1)]
+    + [(1, 1), (1, 1)]  # layer3
+    + [(1, 1), (1, 1)]
+    + [(1, 2), (1, 2)]  # layer4 (dilated)
   )
   assert _conv3x3_strides_and_dilations(18, 16) == expected
 
@@ -183,15 +188,14 @@ def test_resnet18_os16_dilation_schedule():
 
 def test_decoder_shapes_and_names():
   decoder = deeplabv3plus.DeepLabV3PlusDecoder(
-      num_classes=NUM_CLASSES, aspp_channels=16, decoder_channels=24)
+    num_classes=NUM_CLASSES, aspp_channels=16, decoder_channels=24
+  )
   low = jax.ShapeDtypeStruct((2, 16, 16, 32), jnp.float32)
   high = jax.ShapeDtypeStruct((2, 4, 4, 64), jnp.float32)
   variables = jax.eval_shape(
-      lambda l, h: decoder.init(jax.random.key(0), l, h, train=False),
-      low, high)
-  out = jax.eval_shape(
-      lambda v, l, h: decoder.apply(v, l, h, train=False), variables, low,
-      high)
+    lambda l, h: decoder.init(jax.random.key(0), l, h, train=False), low, high
+  )
+  out = jax.eval_shape(lambda v, l, h: decoder.apply(v, l, h, train=False), variables, low, high)
   assert out["features"].shape == (2, 16, 16, 24)
   assert out["logits"].shape == (2, 16, 16, NUM_CLASSES)
 
@@ -219,8 +223,9 @@ def test_aspp_rates():
 
 
 def _small_segmenter(**kwargs):
-  args = dict(num_classes=NUM_CLASSES, backbone="resnet18", width=WIDTH,
-              aspp_channels=16, decoder_channels=16)
+  args = dict(
+    num_classes=NUM_CLASSES, backbone="resnet18", width=WIDTH, aspp_channels=16, decoder_channels=16
+  )
   args.update(kwargs)
   return segmenter_lib.Segmenter(**args)
 
@@ -230,8 +235,7 @@ def small_model():
   """A compiled-once ResNet-18 segmenter with initialised variables."""
   model = _small_segmenter()
   x = jax.random.normal(jax.random.key(1), (2, IMAGE, IMAGE, 3))
-  variables = jax.jit(
-      lambda x: model.init(jax.random.key(0), x, train=False))(x)
+  variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x)
   return model, variables, x
 
 
@@ -239,11 +243,11 @@ def small_model():
 def small_model_outputs(small_model):
   model, variables, x = small_model
   train_out, train_state = jax.jit(
-      lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
-          variables, x)
+    lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])
+  )(variables, x)
   eval_out, eval_state = jax.jit(
-      lambda v, x: model.apply(v, x, train=False, mutable=["batch_stats"]))(
-          variables, x)
+    lambda v, x: model.apply(v, x, train=False, mutable=["batch_stats"])
+  )(variables, x)
   return train_out, train_state, eval_out, eval_state
 
 
@@ -261,17 +265,19 @@ def test_segmenter_top_level_collections(small_model):
   assert set(variables) == {"params", "batch_stats"}
   assert set(variables["params"]) == {"backbone", "decoder"}
   assert set(variables["batch_stats"]) == {"backbone", "decoder"}
-  assert variables["params"]["backbone"]["layer1_0"]["conv1"][
-      "kernel"].shape == (3, 3, WIDTH, WIDTH)
+  assert variables["params"]["backbone"]["layer1_0"]["conv1"]["kernel"].shape == (
+    3,
+    3,
+    WIDTH,
+    WIDTH,
+  )
 
 
-def test_train_updates_batch_stats_eval_does_not(small_model,
-                                                 small_model_outputs):
+def test_train_updates_batch_stats_eval_does_not(small_model, small_model_outputs):
   _, variables, _ = small_model
   _, train_state, _, eval_state = small_model_outputs
   old = variables["batch_stats"]
-  changed = jax.tree.map(lambda a, b: not np.allclose(a, b), old,
-                         train_state["batch_stats"])
+  changed = jax.tree.map(lambda a, b: not np.allclose(a, b), old, train_state["batch_stats"])
   assert all(jax.tree.leaves(changed))
   same = jax.tree.map(np.array_equal, old, eval_state["batch_stats"])
   assert all(jax.tree.leaves(same))
@@ -292,20 +298,21 @@ def test_encode_decode_match_call(small_model, small_model_outputs):
   np.testing.assert_allclose(out["features"], eval_out["features"], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(low, eval_out["low"], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(
-      segmenter_lib.upsample_logits(out["logits"], (IMAGE, IMAGE)),
-      eval_out["logits"], rtol=1e-5, atol=1e-5)
+    segmenter_lib.upsample_logits(out["logits"], (IMAGE, IMAGE)),
+    eval_out["logits"],
+    rtol=1e-5,
+    atol=1e-5,
+  )
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():
-  model = _small_segmenter(backbone="resnet50", dtype=jnp.bfloat16,
-                           deep_stem=True, output_stride=8)
+  model = _small_segmenter(backbone="resnet50", dtype=jnp.bfloat16, deep_stem=True, output_stride=8)
   x = jax.ShapeDtypeStruct((1, IMAGE, IMAGE, 3), jnp.float32)
-  variables = jax.eval_shape(
-      lambda x: model.init(jax.random.key(0), x, train=False), x)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
   assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(variables))
   out, state = jax.eval_shape(
-      lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]),
-      variables, x)
+    lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]), variables, x
+  )
   assert out["logits"].dtype == jnp.float32
   assert out["logits"].shape == (1, IMAGE, IMAGE, NUM_CLASSES)
   assert out["features"].dtype == jnp.bfloat16
@@ -316,10 +323,8 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
 def test_segmenter_logits_at_input_resolution(backbone):
   model = _small_segmenter(backbone=backbone, output_stride=16)
   x = jax.ShapeDtypeStruct((1, 48, 80, 3), jnp.float32)
-  variables = jax.eval_shape(
-      lambda x: model.init(jax.random.key(0), x, train=False), x)
-  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False),
-                       variables, x)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
   assert out["logits"].shape == (1, 48, 80, NUM_CLASSES)
   assert out["features"].shape[:3] == (1, 12, 20)
 
@@ -327,8 +332,9 @@ def test_segmenter_logits_at_input_resolution(backbone):
 def test_bad_backbone_and_output_stride_raise():
   x = jnp.zeros((1, 32, 32, 3))
   with pytest.raises(ValueError, match=r"model\.backbone.*resnet50"):
-    jax.eval_shape(lambda x: _small_segmenter(backbone="vgg16").init(
-        jax.random.key(0), x, train=False), x)
+    jax.eval_shape(
+      lambda x: _small_segmenter(backbone="vgg16").init(jax.random.key(0), x, train=False), x
+    )
   with pytest.raises(ValueError, match=r"model\.output_stride"):
     segmenter_lib.validate_model_args("resnet50", 4)
   with pytest.raises(ValueError, match=r"model\.backbone"):
@@ -336,9 +342,17 @@ def test_bad_backbone_and_output_stride_raise():
 
 
 def _model_config(**overrides):
-  config = ml_collections.ConfigDict(dict(
-      backbone="resnet34", output_stride=8, deep_stem=True, width=WIDTH,
-      aspp_channels=16, decoder_channels=24, dtype="bfloat16"))
+  config = ml_collections.ConfigDict(
+    dict(
+      backbone="resnet34",
+      output_stride=8,
+      deep_stem=True,
+      width=WIDTH,
+      aspp_channels=16,
+      decoder_channels=24,
+      dtype="bfloat16",
+    )
+  )
   config.update(overrides)
   return config
 

@@ -12,8 +12,9 @@ from scipy import io as scipy_io
 from s4jax import config_schema
 from s4jax.data import datasets
 
-_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
-                     "datasets", "msrc.py")
+_PATH = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "datasets", "msrc.py"
+)
 _spec = importlib.util.spec_from_file_location("msrc", _PATH)
 msrc = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(msrc)
@@ -24,10 +25,12 @@ def _raw_example(root, name, segments, labels, rng):
   os.makedirs(os.path.join(root, "newsegmentations_mats"), exist_ok=True)
   h, w = segments.shape
   Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
-      os.path.join(root, "Images", name + ".bmp"))
-  scipy_io.savemat(os.path.join(root, "newsegmentations_mats", name + "_GT.mat"),
-                   {"newseg": segments.astype(np.uint8),
-                    "newlabels": np.asarray([labels], np.uint8)})
+    os.path.join(root, "Images", name + ".bmp")
+  )
+  scipy_io.savemat(
+    os.path.join(root, "newsegmentations_mats", name + "_GT.mat"),
+    {"newseg": segments.astype(np.uint8), "newlabels": np.asarray([labels], np.uint8)},
+  )
 
 
 def test_class_mask_maps_segments_drops_horse_and_mountain_and_voids_the_last():
@@ -70,7 +73,8 @@ def test_convert_writes_a_folder_dataset_the_loader_reads(tmp_path):
   again = str(tmp_path / "again")
   msrc.convert(raw, again, val_fraction=0.3, seed=1)
   assert sorted(os.listdir(os.path.join(out, "images", "val"))) == sorted(
-      os.listdir(os.path.join(again, "images", "val")))
+    os.listdir(os.path.join(again, "images", "val"))
+  )
   with pytest.raises(FileExistsError):
     msrc.convert(raw, out)
   # The folder dataset loads it.

@@ -25,6 +25,7 @@ def _seconds(cell):
   except KeyError:
     return float("nan")
   from datetime import datetime  # pylint: disable=g-import-not-at-top
+
   parse = lambda t: datetime.fromisoformat(t.replace("Z", "+00:00"))  # noqa: E731
   return (parse(end) - parse(begin)).total_seconds()
 
@@ -32,8 +33,9 @@ def _seconds(cell):
 def test_ipynb_and_py_hold_the_same_cells():
   ipynb, py = jupytext.read(NOTEBOOK), jupytext.read(PAIRED)
   assert _cells(ipynb) == _cells(py), (
-      "notebooks/quickstart.ipynb and quickstart.py differ: edit the .py and run "
-      "`jupytext --sync notebooks/quickstart.py` (or `--to ipynb`).")
+    "notebooks/quickstart.ipynb and quickstart.py differ: edit the .py and run "
+    "`jupytext --sync notebooks/quickstart.py` (or `--to ipynb`)."
+  )
   # Committed without outputs: the diff of a change shows code, not pictures.
   raw = nbformat.read(NOTEBOOK, as_version=4)
   assert all(not c.get("outputs") for c in raw.cells if c.cell_type == "code")
@@ -56,20 +58,25 @@ def test_notebook_executes_at_ci_size(tmp_path, monkeypatch):
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", cache)
     monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
   notebook = nbformat.read(NOTEBOOK, as_version=4)
-  client = NotebookClient(notebook, timeout=600, kernel_name="python3",
-                          resources={"metadata": {"path": REPO}})
+  client = NotebookClient(
+    notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": REPO}}
+  )
   start = time.monotonic()
   client.execute()
-  print(f"notebook executed in {time.monotonic() - start:.1f} s; per code cell: " + ", ".join(
-      f"{_seconds(c):.1f}" for c in notebook.cells if c.cell_type == "code"))
-  errors = [o for c in notebook.cells for o in c.get("outputs", [])
-            if o.get("output_type") == "error"]
+  print(
+    f"notebook executed in {time.monotonic() - start:.1f} s; per code cell: "
+    + ", ".join(f"{_seconds(c):.1f}" for c in notebook.cells if c.cell_type == "code")
+  )
+  errors = [
+    o for c in notebook.cells for o in c.get("outputs", []) if o.get("output_type") == "error"
+  ]
   assert not errors
   runs = tmp_path / "runs"
   for name in ("supervised", "unimatch"):
     assert (runs / name / "metrics.jsonl").exists()
     assert list((runs / name / "images").glob("predictions_*.png"))
   assert len(list((runs / "predicted" / "masks").glob("*.png"))) == 3
-  figures = [o for c in notebook.cells for o in c.get("outputs", [])
-             if "image/png" in o.get("data", {})]
+  figures = [
+    o for c in notebook.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})
+  ]
   assert len(figures) == 3  # mIoU curves, prediction grids, overlays

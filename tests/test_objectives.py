@@ -35,15 +35,17 @@ def test_reconstruction_losses_match_numpy(norm):
   valid = rng.random((3, 5, 6)) > 0.3
   objects = rng.random((3, 5, 6)) > 0.6
   err = _np_error(pred, target, norm)
-  np.testing.assert_allclose(recon.reconstruction_loss(pred, target, valid, norm),
-                             err[valid].mean(), rtol=1e-5)
+  np.testing.assert_allclose(
+    recon.reconstruction_loss(pred, target, valid, norm), err[valid].mean(), rtol=1e-5
+  )
   # Split: prediction from the fg head on objects, bg head elsewhere; each region normalised
   # by its own count.
   mixed = np.where(objects[..., None], pred, pred_bg)
   err = _np_error(mixed, target, norm)
   fg, bg = err[valid & objects].mean(), err[valid & ~objects].mean()
-  total, got_fg, got_bg = recon.split_reconstruction_loss(pred, pred_bg, target, objects, valid,
-                                                          norm)
+  total, got_fg, got_bg = recon.split_reconstruction_loss(
+    pred, pred_bg, target, objects, valid, norm
+  )
   np.testing.assert_allclose([got_fg, got_bg, total], [fg, bg, fg + bg], rtol=1e-5)
 
 
@@ -62,8 +64,11 @@ def test_patch_mask_ratio_and_alignment(h, w, patch, ratio):
   assert set(np.unique(mask)) <= {0.0, 1.0}
   for image in mask:
     # Every patch of the aligned grid is entirely masked or entirely visible.
-    blocks = [image[i * patch:(i + 1) * patch, j * patch:(j + 1) * patch]
-              for i in range(gh) for j in range(gw)]
+    blocks = [
+      image[i * patch : (i + 1) * patch, j * patch : (j + 1) * patch]
+      for i in range(gh)
+      for j in range(gw)
+    ]
     assert all(b.min() == b.max() for b in blocks)
     assert sum(b.max() for b in blocks) == expected
   # Different images get different masks.
@@ -72,10 +77,10 @@ def test_patch_mask_ratio_and_alignment(h, w, patch, ratio):
 
 def test_select_classes_largest_area_first():
   class_map = np.full((2, 4, 4), 255, np.int32)
-  class_map[0, :2] = 3        # 8 pixels
-  class_map[0, 2, :3] = 1     # 3 pixels
-  class_map[0, 3, 0] = 0      # 1 pixel
-  class_map[1, 0, 0] = 2      # image 1: only one class
+  class_map[0, :2] = 3  # 8 pixels
+  class_map[0, 2, :3] = 1  # 3 pixels
+  class_map[0, 3, 0] = 0  # 1 pixel
+  class_map[1, 0, 0] = 2  # image 1: only one class
   classes, present = cwmim.select_classes(jnp.asarray(class_map), 5, 2)
   np.testing.assert_array_equal(classes[0], [3, 1])
   np.testing.assert_array_equal(present, [[True, True], [True, False]])
@@ -104,8 +109,9 @@ def test_classwise_reconstruction_loss_matches_numpy(norm):
   target = rng.normal(size=(n, h, w, 3)).astype(np.float32)
   regions = cwmim.class_regions(jnp.asarray(class_map), classes)
   loss, count = cwmim.classwise_reconstruction_loss(recons, target, mask, regions, present, norm)
-  want, want_count = _np_classwise(recons, target, mask, class_map, np.asarray(classes),
-                                   np.asarray(present), norm)
+  want, want_count = _np_classwise(
+    recons, target, mask, class_map, np.asarray(classes), np.asarray(present), norm
+  )
   np.testing.assert_allclose(loss, want, rtol=1e-5)
   assert int(count) == want_count == 4  # image 2 has no class at all
 
@@ -119,11 +125,13 @@ def test_classwise_loss_counts_exactly_the_masked_class_pixels():
   regions = cwmim.class_regions(class_map, classes)
   target = jnp.asarray(rng.normal(size=(n, h, w, 3)).astype(np.float32))
   recons = jnp.asarray(rng.normal(size=(n, p, h, w, 3)).astype(np.float32))
-  grad = jax.grad(lambda r: cwmim.classwise_reconstruction_loss(
-      r, target, mask, regions, present)[0])(recons)
+  grad = jax.grad(
+    lambda r: cwmim.classwise_reconstruction_loss(r, target, mask, regions, present)[0]
+  )(recons)
   touched = np.abs(np.asarray(grad)).sum(-1) > 0
-  expected = np.asarray(mask)[:, None] * np.asarray(regions) * np.asarray(present)[:, :, None,
-                                                                                     None] > 0
+  expected = (
+    np.asarray(mask)[:, None] * np.asarray(regions) * np.asarray(present)[:, :, None, None] > 0
+  )
   np.testing.assert_array_equal(touched, expected)
 
 
@@ -166,11 +174,17 @@ def test_feature_aggregation_loss_matches_numpy():
 
 # ---- through a real (tiny) model ---------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny_model():
-  config = tiny_config(method="fixmatch", **{"losses.cwmim.enabled": True,
-                                             "losses.recon.enabled": True,
-                                             "losses.recon.split_foreground": True})
+  config = tiny_config(
+    method="fixmatch",
+    **{
+      "losses.cwmim.enabled": True,
+      "losses.recon.enabled": True,
+      "losses.recon.split_foreground": True,
+    },
+  )
   model = segmenter.build_segmenter(config.model, 4, aux_heads=registry.required_heads(config))
   variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
   return config, model, variables
@@ -192,17 +206,22 @@ def test_classwise_reconstruction_is_independent_across_classes(tiny_model):
   def per_class_losses(images):
     inputs = cwmim.class_inputs(images, mask, regions).reshape(4, 32, 32, 3)
     _, decoded = model.apply(variables, inputs, train=False, method=cwmim._encode_and_decode)
-    rec = model.apply({"params": variables["params"]}, decoded, (32, 32), "recon",
-                      method="reconstruct").reshape(2, 2, 32, 32, 3)
-    return [cwmim.classwise_reconstruction_loss(
-        rec, images, mask, regions, jnp.array([[k == 0, k == 1]] * 2))[0] for k in (0, 1)]
+    rec = model.apply(
+      {"params": variables["params"]}, decoded, (32, 32), "recon", method="reconstruct"
+    ).reshape(2, 2, 32, 32, 3)
+    return [
+      cwmim.classwise_reconstruction_loss(
+        rec, images, mask, regions, jnp.array([[k == 0, k == 1]] * 2)
+      )[0]
+      for k in (0, 1)
+    ]
 
   before = per_class_losses(jnp.asarray(images))
   changed = images.copy()
   changed[class_map == 2] += 3.0  # repaint class 2 (slot 1)
   after = per_class_losses(jnp.asarray(changed))
   np.testing.assert_allclose(after[0], before[0], rtol=1e-6)  # class 1: unchanged
-  assert abs(float(after[1]) - float(before[1])) > 1e-3        # class 2: changed
+  assert abs(float(after[1]) - float(before[1])) > 1e-3  # class 2: changed
 
 
 def _context(config, model, variables, rng_seed=0, n=4):
@@ -217,30 +236,52 @@ def _context(config, model, variables, rng_seed=0, n=4):
   valid = jnp.ones((n, h, w), jnp.float32)
 
   def build(params):
-    out = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, images,
-                      train=False)
-    view = objective_lib.StrongView(image=images, clean=images[::-1], pseudo=pseudo,
-                                    confidence=confidence, valid=valid, box=None,
-                                    features=out["features"])
+    out = model.apply(
+      {"params": params, "batch_stats": variables["batch_stats"]}, images, train=False
+    )
+    view = objective_lib.StrongView(
+      image=images,
+      clean=images[::-1],
+      pseudo=pseudo,
+      confidence=confidence,
+      valid=valid,
+      box=None,
+      features=out["features"],
+    )
     return objective_lib.StepContext(
-        config=config, model=model, params=params, batch_stats=variables["batch_stats"],
-        rng=jax.random.key(1), step=jnp.zeros((), jnp.int32), num_classes=4,
-        background_classes=(0,), labelled_image=images, labelled_mask=labels,
-        labelled_features=out["features"], weak_image=images, weak_valid=valid, pseudo=pseudo,
-        confidence=confidence, strong_views=(view,))
+      config=config,
+      model=model,
+      params=params,
+      batch_stats=variables["batch_stats"],
+      rng=jax.random.key(1),
+      step=jnp.zeros((), jnp.int32),
+      num_classes=4,
+      background_classes=(0,),
+      labelled_image=images,
+      labelled_mask=labels,
+      labelled_features=out["features"],
+      weak_image=images,
+      weak_valid=valid,
+      pseudo=pseudo,
+      confidence=confidence,
+      strong_views=(view,),
+    )
+
   return build
 
 
 def _grad_norms(objective, cfg, config, model, variables):
   build = _context(config, model, variables)
   grads = jax.grad(lambda p: objective.loss(build(p), cfg, {})[0])(variables["params"])
-  return {path: float(jnp.abs(leaf).sum())
-          for path, leaf in jax.tree_util.tree_leaves_with_path(grads)}
+  return {
+    path: float(jnp.abs(leaf).sum()) for path, leaf in jax.tree_util.tree_leaves_with_path(grads)
+  }
 
 
 def _has_grad(norms, *fragments):
-  return any(v > 0 for k, v in norms.items() if all(f in jax.tree_util.keystr(k)
-                                                      for f in fragments))
+  return any(
+    v > 0 for k, v in norms.items() if all(f in jax.tree_util.keystr(k) for f in fragments)
+  )
 
 
 def test_recon_gradients_reach_backbone_decoder_and_its_heads_only(tiny_model):
@@ -249,24 +290,21 @@ def test_recon_gradients_reach_backbone_decoder_and_its_heads_only(tiny_model):
   assert _has_grad(norms, "backbone")
   assert _has_grad(norms, "head_recon_fg") and _has_grad(norms, "head_recon_bg")
   assert _has_grad(norms, "decoder", "fuse")
-  assert not _has_grad(norms, "classifier")       # reconstruction never sees the logits
-  assert not _has_grad(norms, "'head_recon'")      # the plain head is not used by the split
+  assert not _has_grad(norms, "classifier")  # reconstruction never sees the logits
+  assert not _has_grad(norms, "'head_recon'")  # the plain head is not used by the split
 
 
 def test_cwmim_parts_reach_the_intended_parameters(tiny_model):
   config, model, variables = tiny_model
   cfg = config.losses.cwmim
   only = functools.partial(_with, cfg)
-  rec = _grad_norms(cwmim.OBJECTIVE, only(fa_weight=0.0, smim_weight=0.0), config, model,
-                    variables)
+  rec = _grad_norms(cwmim.OBJECTIVE, only(fa_weight=0.0, smim_weight=0.0), config, model, variables)
   assert _has_grad(rec, "'head_recon'") and _has_grad(rec, "backbone")
   assert not _has_grad(rec, "classifier")
-  fa = _grad_norms(cwmim.OBJECTIVE, only(rec_weight=0.0, smim_weight=0.0), config, model,
-                   variables)
+  fa = _grad_norms(cwmim.OBJECTIVE, only(rec_weight=0.0, smim_weight=0.0), config, model, variables)
   assert _has_grad(fa, "backbone")
   assert not _has_grad(fa, "decoder") and not _has_grad(fa, "head_recon")  # encoder only
-  smim = _grad_norms(cwmim.OBJECTIVE, only(rec_weight=0.0, fa_weight=0.0), config, model,
-                     variables)
+  smim = _grad_norms(cwmim.OBJECTIVE, only(rec_weight=0.0, fa_weight=0.0), config, model, variables)
   assert _has_grad(smim, "classifier") and _has_grad(smim, "backbone")
   assert not _has_grad(smim, "head_recon")
 
@@ -281,6 +319,7 @@ def _with(cfg, **overrides):
 
 # ---- configs and the loop ----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["shapes_recon.py", "shapes_cwmim.py"])
 def test_shapes_objective_configs_validate(name):
   config = config_schema.sibling_config(os.path.join(REPO, "configs", "x.py"), name)
@@ -289,19 +328,32 @@ def test_shapes_objective_configs_validate(name):
 
 
 def test_objectives_train_two_steps_through_the_loop(tmp_path):
-  config = tiny_config(method="fixmatch", total_steps=2, log_every=1, eval_every=2,
-                       checkpoint_every=2, **{"semi.threshold": 0.3,
-                                              "losses.recon.enabled": True,
-                                              "losses.recon.split_foreground": True,
-                                              "losses.cwmim.enabled": True,
-                                              "losses.cwmim.patch_size": 8})
+  config = tiny_config(
+    method="fixmatch",
+    total_steps=2,
+    log_every=1,
+    eval_every=2,
+    checkpoint_every=2,
+    **{
+      "semi.threshold": 0.3,
+      "losses.recon.enabled": True,
+      "losses.recon.split_foreground": True,
+      "losses.cwmim.enabled": True,
+      "losses.cwmim.patch_size": 8,
+    },
+  )
   results = train.train_and_evaluate(config, str(tmp_path))
   assert int(results["state"].step) == 2
-  records = [r for r in logs.read_metrics(str(tmp_path / "metrics.jsonl"))
-             if "train/loss" in r]
+  records = [r for r in logs.read_metrics(str(tmp_path / "metrics.jsonl")) if "train/loss" in r]
   assert len(records) == 2
-  for key in ("train/recon/loss", "train/recon/loss_fg_labelled", "train/recon/loss_strong",
-              "train/cwmim/loss_rec", "train/cwmim/loss_fa", "train/cwmim/loss_smim"):
+  for key in (
+    "train/recon/loss",
+    "train/recon/loss_fg_labelled",
+    "train/recon/loss_strong",
+    "train/cwmim/loss_rec",
+    "train/cwmim/loss_fa",
+    "train/cwmim/loss_smim",
+  ):
     assert np.isfinite(records[0][key]), key
   assert records[0]["train/cwmim/masked_fraction"] == pytest.approx(0.5)
   images = os.listdir(tmp_path / "images")
@@ -309,13 +361,19 @@ def test_objectives_train_two_steps_through_the_loop(tmp_path):
   assert any(f.startswith("cwmim") for f in images)
 
 
-@pytest.mark.parametrize("key, value", [
-    ("losses.cwmim.mask_ratio", 1.0), ("losses.cwmim.patch_size", 0),
-    ("losses.recon.norm", "l3"), ("losses.cwmim.classes_per_image", 0),
-])
+@pytest.mark.parametrize(
+  "key, value",
+  [
+    ("losses.cwmim.mask_ratio", 1.0),
+    ("losses.cwmim.patch_size", 0),
+    ("losses.recon.norm", "l3"),
+    ("losses.cwmim.classes_per_image", 0),
+  ],
+)
 def test_bad_objective_values_name_the_key(key, value):
-  config = tiny_config(method="fixmatch", **{"losses.cwmim.enabled": True,
-                                             "losses.recon.enabled": True, key: value})
+  config = tiny_config(
+    method="fixmatch", **{"losses.cwmim.enabled": True, "losses.recon.enabled": True, key: value}
+  )
   with pytest.raises(errors.ConfigError, match=rf"config\.{key}="):
     config_schema.validate(config)
 

@@ -24,9 +24,17 @@ SIZES = {"a.png": (40, 56), "b.jpg": (64, 64), os.path.join("sub", "c.png"): (97
 
 
 def _config():
-  return tiny_config(**{"total_steps": 2, "eval_every": 2, "checkpoint_every": 2,
-                        "log_every": 1, "num_visualised": 0, "data.num_train": 32,
-                        "data.num_val": 8})
+  return tiny_config(
+    **{
+      "total_steps": 2,
+      "eval_every": 2,
+      "checkpoint_every": 2,
+      "log_every": 1,
+      "num_visualised": 0,
+      "data.num_train": 32,
+      "data.num_val": 8,
+    }
+  )
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +52,13 @@ def trained(tmp_path_factory):
   (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
   out = str(root / "out")
   result = predict.predict(input_pattern=str(images), output_dir=out, workdir=workdir)
-  return {"workdir": workdir, "images": str(images), "out": out, "result": result,
-          "bundle": export.from_workdir(workdir)}
+  return {
+    "workdir": workdir,
+    "images": str(images),
+    "out": out,
+    "result": result,
+    "bundle": export.from_workdir(workdir),
+  }
 
 
 def _forward(bundle):
@@ -87,12 +100,14 @@ def test_masks_have_each_size_and_equal_the_models_argmax(trained):
   for name, (h, w) in SIZES.items():
     with Image.open(_mask(out, name)) as m:
       assert m.mode == "P"
-      np.testing.assert_array_equal(np.asarray(m.getpalette(), np.uint8).reshape(-1, 3)[:6],
-                                    palette[:6])
+      np.testing.assert_array_equal(
+        np.asarray(m.getpalette(), np.uint8).reshape(-1, 3)[:6], palette[:6]
+      )
       mask = np.asarray(m)
     assert mask.shape == (h, w) and mask.max() < 6
-    with Image.open(os.path.join(out, predict.OVERLAYS_DIR,
-                                 os.path.splitext(name)[0] + ".jpg")) as o:
+    with Image.open(
+      os.path.join(out, predict.OVERLAYS_DIR, os.path.splitext(name)[0] + ".jpg")
+    ) as o:
       assert o.size == (w, h)
     image = np.asarray(Image.open(os.path.join(images, name)).convert("RGB"))
     _assert_is_argmax(mask, forward(variables, augment.normalize_uint8(image[None])))
@@ -125,27 +140,40 @@ def test_exported_file_predicts_the_same_masks(trained, tmp_path):
   from_file = str(tmp_path / "file")
   env = _cli_env()
   done = subprocess.run(
-      [sys.executable, "-m", "s4jax.predict", f"--model_file={model_file}",
-       f"--input={os.path.join(trained['images'], '**', '*.png')}", f"--output={from_file}"],
-      capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    [
+      sys.executable,
+      "-m",
+      "s4jax.predict",
+      f"--model_file={model_file}",
+      f"--input={os.path.join(trained['images'], '**', '*.png')}",
+      f"--output={from_file}",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=REPO,
+    env=env,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   assert "wrote 2 masks" in done.stdout and "skipped 1 unreadable file(s)" in done.stdout
   assert "2/3 images" in done.stderr  # the progress bar (one line per tenth off a terminal)
   for name in ("a.png", os.path.join("sub", "c.png")):
-    np.testing.assert_array_equal(np.asarray(Image.open(_mask(trained["out"], name))),
-                                  np.asarray(Image.open(_mask(from_file, name))))
+    np.testing.assert_array_equal(
+      np.asarray(Image.open(_mask(trained["out"], name))),
+      np.asarray(Image.open(_mask(from_file, name))),
+    )
 
 
 def test_bad_inputs_are_one_clear_message(trained, tmp_path):
   workdir, images = trained["workdir"], trained["images"]
   out = str(tmp_path / "out")
   cases = [
-      (dict(workdir=str(tmp_path / "nope")), "does not exist"),
-      (dict(workdir=workdir, input_pattern=str(tmp_path / "none" / "*.png")), "matches no files"),
-      (dict(workdir=workdir, output_dir=os.path.join(images, "a.png")), "is an existing file"),
-      (dict(), "either --workdir=RUN"),
-      (dict(workdir=workdir, model_file="m.npz"), "not both or neither"),
-      (dict(model_file=os.path.join(images, "broken.png")), "is not a model file of s4jax"),
+    (dict(workdir=str(tmp_path / "nope")), "does not exist"),
+    (dict(workdir=workdir, input_pattern=str(tmp_path / "none" / "*.png")), "matches no files"),
+    (dict(workdir=workdir, output_dir=os.path.join(images, "a.png")), "is an existing file"),
+    (dict(), "either --workdir=RUN"),
+    (dict(workdir=workdir, model_file="m.npz"), "not both or neither"),
+    (dict(model_file=os.path.join(images, "broken.png")), "is not a model file of s4jax"),
   ]
   for kwargs, message in cases:
     kwargs = {"input_pattern": images, "output_dir": out, **kwargs}
@@ -159,11 +187,18 @@ def test_bad_inputs_are_one_clear_message(trained, tmp_path):
     predict.predict(input_pattern=images, output_dir=out, workdir=str(empty))
   # On the command line: one line, no traceback.
   env = _cli_env()
-  for args, start in [([f"--workdir={tmp_path / 'nope'}"], "s4jax: error: --workdir="),
-                      (["--model_file=m.npz", "--which=latest"], "s4jax: error: --which ")]:
+  for args, start in [
+    ([f"--workdir={tmp_path / 'nope'}"], "s4jax: error: --workdir="),
+    (["--model_file=m.npz", "--which=latest"], "s4jax: error: --which "),
+  ]:
     done = subprocess.run(
-        [sys.executable, "-m", "s4jax.predict", *args, f"--input={images}", f"--output={out}"],
-        capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+      [sys.executable, "-m", "s4jax.predict", *args, f"--input={images}", f"--output={out}"],
+      capture_output=True,
+      text=True,
+      timeout=120,
+      cwd=REPO,
+      env=env,
+    )
     assert done.returncode == 2
     assert done.stderr.strip().startswith(start), done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr

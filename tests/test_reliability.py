@@ -31,18 +31,27 @@ CONFIG = os.path.join(REPO, "configs", "shapes_supervised.py")
 TOTAL = 20
 # The command the signal test runs (and runs again); the in-process runs use the same config.
 COMMAND = [
-    f"--config={CONFIG}", f"--config.total_steps={TOTAL}", "--config.log_every=1",
-    f"--config.eval_every={TOTAL}", "--config.checkpoint_every=10", "--config.model.width=8",
-    "--config.model.aspp_channels=16", "--config.model.decoder_channels=16",
-    "--config.data.crop_size=32", "--config.data.image_size=48", "--config.data.num_train=32",
-    "--config.data.num_val=8", "--config.eval.batch_size=8", "--config.num_visualised=0",
+  f"--config={CONFIG}",
+  f"--config.total_steps={TOTAL}",
+  "--config.log_every=1",
+  f"--config.eval_every={TOTAL}",
+  "--config.checkpoint_every=10",
+  "--config.model.width=8",
+  "--config.model.aspp_channels=16",
+  "--config.model.decoder_channels=16",
+  "--config.data.crop_size=32",
+  "--config.data.image_size=48",
+  "--config.data.num_train=32",
+  "--config.data.num_val=8",
+  "--config.eval.batch_size=8",
+  "--config.num_visualised=0",
 ]
 
 
 def _command_config(**overrides):
   """COMMAND's config, built here as config_flags builds it in the subprocess."""
   config = config_schema.sibling_config(CONFIG, os.path.basename(CONFIG))
-  pairs = [a[len("--config."):].split("=", 1) for a in COMMAND if a.startswith("--config.")]
+  pairs = [a[len("--config.") :].split("=", 1) for a in COMMAND if a.startswith("--config.")]
   for key, value in pairs + list(overrides.items()):
     *parents, leaf = key.split(".")
     node = config
@@ -57,9 +66,14 @@ def _compiled_key(config):
   is watched (and without the size of the validation set)."""
   flatten = workdir_lib._flatten  # pylint: disable=protected-access
   flat = flatten(workdir_lib.config_as_dict(config))
-  return json.dumps({k: v for k, v in flat.items()
-                     if k not in config_schema.OPERATIONAL_KEYS and k != "data.num_val"},
-                    sort_keys=True)
+  return json.dumps(
+    {
+      k: v
+      for k, v in flat.items()
+      if k not in config_schema.OPERATIONAL_KEYS and k != "data.num_val"
+    },
+    sort_keys=True,
+  )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -73,13 +87,19 @@ def shared_compiles():
   def shared(make):
     def wrapper(model, *args, **kwargs):
       # The optimizer and the mesh are left out: both follow from the config here.
-      key = (make.__name__, repr(model)) + tuple(
+      key = (
+        (make.__name__, repr(model))
+        + tuple(
           _compiled_key(a) if hasattr(a, "to_dict") else repr(a)
-          for a in args if hasattr(a, "to_dict") or type(a) in (int, str, tuple)
-      ) + tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
+          for a in args
+          if hasattr(a, "to_dict") or type(a) in (int, str, tuple)
+        )
+        + tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
+      )
       if key not in compiled:
         compiled[key] = make(model, *args, **kwargs)
       return compiled[key]
+
     return wrapper
 
   def initial_state(run):
@@ -143,28 +163,38 @@ def _saved_step(stderr, name):
   last = stderr.strip().splitlines()[-1]
   prefix = f"s4jax: stopped by {name}: saved step "
   assert last.startswith(prefix) and last.endswith(
-      f" of {TOTAL}; rerun the same command to continue."), stderr[-2000:]
-  return int(last[len(prefix):].split()[0])
+    f" of {TOTAL}; rerun the same command to continue."
+  ), stderr[-2000:]
+  return int(last[len(prefix) :].split()[0])
 
 
-def test_sigterm_then_sigint_then_same_command_equals_straight_run(straight, tmp_path,
-                                                                   caplog):
+def test_sigterm_then_sigint_then_same_command_equals_straight_run(straight, tmp_path, caplog):
   workdir = str(tmp_path / "run")
   command = [sys.executable, "-m", "s4jax.main", *COMMAND, f"--workdir={workdir}"]
   # The subprocesses keep conftest's 8 simulated devices: XLA's numbers depend on the host's
   # device count (not only the mesh's), and the comparison below is bit for bit. The second
   # one loads the first one's compiled steps from a compilation cache (a minute less here).
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
-  start = lambda: subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,  # noqa: E731
-                                   stderr=subprocess.PIPE, text=True)
+  env = dict(
+    os.environ,
+    JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+  )
+  start = lambda: subprocess.Popen(
+    command,
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,  # noqa: E731
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   logged, status, stderr = _signal_when_logged(start(), workdir, 2, signal.SIGTERM)
   assert status == 143 and "Traceback" not in stderr, stderr[-3000:]
   first = _saved_step(stderr, "SIGTERM")
   assert first >= logged  # no step done before the signal is lost
-  assert os.path.isfile(os.path.join(workdir, "checkpoints", str(first),
-                                     checkpointing.MANIFEST_NAME))
+  assert os.path.isfile(
+    os.path.join(workdir, "checkpoints", str(first), checkpointing.MANIFEST_NAME)
+  )
 
   logged, status, stderr = _signal_when_logged(start(), workdir, first + 2, signal.SIGINT)
   assert status == 130 and "Traceback" not in stderr, stderr[-3000:]
@@ -176,8 +206,7 @@ def test_sigterm_then_sigint_then_same_command_equals_straight_run(straight, tmp
   # The newest checkpoint garbled on disk: named, moved aside, the one before it restored.
   garbled = _largest_file(os.path.join(workdir, "checkpoints", str(second), "state"))
   _garble(garbled)
-  older = max(s for s in map(int, os.listdir(os.path.join(workdir, "checkpoints")))
-              if s < second)
+  older = max(s for s in map(int, os.listdir(os.path.join(workdir, "checkpoints"))) if s < second)
   # The same run, continued here: the same parameters as the run never interrupted.
   with caplog.at_level(logging.WARNING):
     results = train.train_and_evaluate(_command_config(), workdir)
@@ -243,8 +272,9 @@ def test_error_mid_save_leaves_complete_checkpoints(tmp_path, monkeypatch):
 
 # ---- damaged checkpoints ----------------------------------------------------------------
 def _largest_file(folder):
-  files = [p for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True)
-           if os.path.isfile(p)]
+  files = [
+    p for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True) if os.path.isfile(p)
+  ]
   return max(files, key=os.path.getsize)
 
 
@@ -286,8 +316,11 @@ def test_damaged_checkpoints_are_named_and_skipped(straight, tmp_path, caplog):
   assert step == 10 and "metadata" in warning
   # Every checkpoint damaged: refused, naming each, nothing changed.
   _garble(_largest_file(os.path.join(workdir, "checkpoints", "10", "state")))
-  with pytest.raises(errors.CheckpointDamagedError, match=r"No intact checkpoint(.|\n)*step "
-                     r"20: (.|\n)*step 10: .*sha256"):
+  with pytest.raises(
+    errors.CheckpointDamagedError,
+    match=r"No intact checkpoint(.|\n)*step "
+    r"20: (.|\n)*step 10: .*sha256",
+  ):
     run.checkpointer.restore_latest(template, {})
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20"]
   # best/ is checked too.
@@ -301,6 +334,7 @@ def test_damaged_checkpoints_are_named_and_skipped(straight, tmp_path, caplog):
 def _events(path):
   """(step, has a SessionLog START) of every event in a TensorBoard event file."""
   from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+
   found = []
   with open(path, "rb") as f:
     while header := f.read(12):
@@ -328,27 +362,34 @@ def test_resume_drops_logged_rows_past_the_restored_step(tmp_path):
   assert [r["step"] for r in rows] == list(range(1, 21)) + [20, 21]
   assert rows[-1]["train/loss"] == 21.5
   # The new event file tells TensorBoard to drop the old file's events from step 21 on.
-  second = [p for p in glob.glob(os.path.join(workdir, "tensorboard", "*"))
-            if p not in first_events]
+  second = [
+    p for p in glob.glob(os.path.join(workdir, "tensorboard", "*")) if p not in first_events
+  ]
   assert len(second) == 1 and (21, True) in _events(second[0])
 
 
 def test_old_metrics_files_read_one_row_per_step(tmp_path):
   """Files of older versions kept the killed segment: readers (ablate, plots) skip it."""
   path = tmp_path / "metrics.jsonl"
-  rows = ([{"step": s, "train/loss": 1.0} for s in range(1, 21)]
-          + [{"step": 20, "eval/teacher_miou": 0.1, "eval/student_miou": 0.1}]
-          + [{"step": s, "train/loss": 1.0} for s in range(21, 28)]  # killed at 27
-          + [{"step": s, "train/loss": 2.0} for s in range(21, 31)]  # resumed from 20
-          + [{"step": 30, "eval/teacher_miou": 0.3, "eval/student_miou": 0.3}])
+  rows = (
+    [{"step": s, "train/loss": 1.0} for s in range(1, 21)]
+    + [{"step": 20, "eval/teacher_miou": 0.1, "eval/student_miou": 0.1}]
+    + [{"step": s, "train/loss": 1.0} for s in range(21, 28)]  # killed at 27
+    + [{"step": s, "train/loss": 2.0} for s in range(21, 31)]  # resumed from 20
+    + [{"step": 30, "eval/teacher_miou": 0.3, "eval/student_miou": 0.3}]
+  )
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
   read = logs.read_metrics(str(path))
   assert [r["step"] for r in read if "train/loss" in r] == list(range(1, 31))
   assert all(r["train/loss"] == 2.0 for r in read if r["step"] > 20 and "train/loss" in r)
   assert [r["step"] for r in read if "eval/teacher_miou" in r] == [20, 30]
   # A segment killed one step past its checkpoint and resumed there repeats that step.
-  again = [{"step": 1, "train/loss": 1.0}, {"step": 2, "train/loss": 1.0},
-           {"step": 2, "train/loss": 2.0}, {"step": 3, "train/loss": 2.0}]
+  again = [
+    {"step": 1, "train/loss": 1.0},
+    {"step": 2, "train/loss": 1.0},
+    {"step": 2, "train/loss": 2.0},
+    {"step": 3, "train/loss": 2.0},
+  ]
   assert [r["train/loss"] for r in logs.latest_segment(again)] == [1.0, 2.0, 2.0]
   sys.path.insert(0, os.path.join(REPO, "benchmarks"))
   try:
@@ -390,15 +431,17 @@ def test_failed_start_leaves_no_config_record(tmp_path):
   assert workdir_lib.prepare(str(workdir), tiny_config()) == "new"
 
 
-@pytest.mark.parametrize("overrides, stop_after, message", [
+@pytest.mark.parametrize(
+  "overrides, stop_after, message",
+  [
     ({}, -1, "--stop_after=-1 is not valid"),
     ({}, 0, "--stop_after=0 is not valid"),
     ({"data.num_val": 0}, None, "config.data.num_val=0 is not valid"),
-])
+  ],
+)
 def test_bad_values_are_one_message(tmp_path, overrides, stop_after, message):
   with pytest.raises(errors.UserInputError, match=message) as info:
-    train.train_and_evaluate(tiny_config(**overrides), str(tmp_path / "run"),
-                             stop_after=stop_after)
+    train.train_and_evaluate(tiny_config(**overrides), str(tmp_path / "run"), stop_after=stop_after)
   assert "\n" not in str(info.value)
   assert not (tmp_path / "run").exists()
 
@@ -409,8 +452,15 @@ def test_check_files_stops_before_training(tmp_path):
   bad = os.path.join(root, "images", "train", "b", "img2.png")
   with open(bad, "r+b") as f:
     f.truncate(50)
-  config = tiny_config(**{"data.name": "folder", "data.root": root, "data.check_files": True,
-                          "batch_size": 8, "eval.batch_size": 8})
+  config = tiny_config(
+    **{
+      "data.name": "folder",
+      "data.root": root,
+      "data.check_files": True,
+      "batch_size": 8,
+      "eval.batch_size": 8,
+    }
+  )
   with pytest.raises(errors.DataError, match=r"check_files: 1 of 8 examples(.|\n)*img2.png"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run" / "config.json").exists()
@@ -423,11 +473,14 @@ def test_evaluation_names_what_exists_and_changes_nothing(straight, tmp_path):
   stamp = os.stat(record).st_mtime_ns
   config = _command_config()
   shutil.rmtree(os.path.join(workdir, "best"))
-  with pytest.raises(errors.UserInputError, match="no best checkpoint yet.*steps 10, 20.*"
-                     "--which=latest or --which=STEP"):
+  with pytest.raises(
+    errors.UserInputError,
+    match="no best checkpoint yet.*steps 10, 20.*--which=latest or --which=STEP",
+  ):
     train.evaluate_only(config, workdir, which="best")
-  with pytest.raises(errors.UserInputError, match="no checkpoint of step 7; it has checkpoints"
-                     " of steps 10, 20"):
+  with pytest.raises(
+    errors.UserInputError, match="no checkpoint of step 7; it has checkpoints of steps 10, 20"
+  ):
     train.evaluate_only(config, workdir, which=7)
   # What evaluation uses may change; the run's record does not.
   config.unlock()
@@ -444,14 +497,29 @@ def test_evaluation_names_what_exists_and_changes_nothing(straight, tmp_path):
 
 
 def test_console_shows_the_losses_and_a_short_prefix():
-  unimatch = {"train/loss": 1.0, "train/loss_sup": 0.5, "train/loss_s1": 0.2,
-              "train/loss_s2": 0.2, "train/loss_fp": 0.1, "train/grad_norm": 3.0,
-              "train/confident_fraction": 0.4, "train/pseudo_accuracy": 0.9,
-              "train/pseudo_miou": 0.3, "train/pseudo_object_coverage": 0.1,
-              "train/cwmim/loss_rec": 0.3, "train/epoch": 1.5, "train/lr": 0.01}
+  unimatch = {
+    "train/loss": 1.0,
+    "train/loss_sup": 0.5,
+    "train/loss_s1": 0.2,
+    "train/loss_s2": 0.2,
+    "train/loss_fp": 0.1,
+    "train/grad_norm": 3.0,
+    "train/confident_fraction": 0.4,
+    "train/pseudo_accuracy": 0.9,
+    "train/pseudo_miou": 0.3,
+    "train/pseudo_object_coverage": 0.1,
+    "train/cwmim/loss_rec": 0.3,
+    "train/epoch": 1.5,
+    "train/lr": 0.01,
+  }
   shown = logs.console_scalars(unimatch)
-  assert sorted(shown) == ["train/loss", "train/loss_fp", "train/loss_s1", "train/loss_s2",
-                           "train/loss_sup"]
+  assert sorted(shown) == [
+    "train/loss",
+    "train/loss_fp",
+    "train/loss_s1",
+    "train/loss_s2",
+    "train/loss_sup",
+  ]
   progress = logs.Progress(total_steps=80000)
   line = progress.format_line(12345, shown, lr=0.01)
   assert len(line) < 100, line

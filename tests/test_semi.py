@@ -1,6 +1,5 @@
 """The semi-supervised step: pseudo-label loss, CutMix pasting, EMA teacher, sharding."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,10 +44,17 @@ def semi_batches():
   # One unlabelled image per device on 8 devices: CutMix partners cross devices.
   config = tiny_config(method="unimatch", unlabelled_batch_size=8)
   spec = datasets.build(config.data)
-  lab = pipeline.make_train_iterator(spec.train_source, spec.labelled_indices, batch_size=8,
-                                     crop_size=32, seed=0, kind="labelled")
-  unl = pipeline.make_train_iterator(spec.train_source, spec.unlabelled_indices,
-                                     batch_size=8, crop_size=32, seed=0, kind="unlabelled")
+  lab = pipeline.make_train_iterator(
+    spec.train_source, spec.labelled_indices, batch_size=8, crop_size=32, seed=0, kind="labelled"
+  )
+  unl = pipeline.make_train_iterator(
+    spec.train_source,
+    spec.unlabelled_indices,
+    batch_size=8,
+    crop_size=32,
+    seed=0,
+    kind="unlabelled",
+  )
   batches = []
   for _ in range(2):
     b, u = next(lab), next(unl)
@@ -58,8 +64,9 @@ def semi_batches():
 
 @pytest.fixture(scope="module")
 def unimatch_runs(semi_batches):
-  config = tiny_config(method="unimatch", unlabelled_batch_size=8,
-                       **{"teacher.ema_decay": 0.0, "semi.threshold": 0.3})
+  config = tiny_config(
+    method="unimatch", unlabelled_batch_size=8, **{"teacher.ema_decay": 0.0, "semi.threshold": 0.3}
+  )
   one = run_steps(config, jax.devices()[:1], semi_batches)
   eight = run_steps(config, jax.devices(), semi_batches)
   return one, eight
@@ -68,8 +75,14 @@ def unimatch_runs(semi_batches):
 def test_unimatch_step_same_on_one_and_eight_devices(unimatch_runs):
   (s1, h1, _), (s8, h8, _) = unimatch_runs
   for m1, m8 in zip(h1, h8):
-    for key in ("train/loss", "train/loss_sup", "train/loss_s1", "train/loss_s2",
-                "train/loss_fp", "train/confident_fraction"):
+    for key in (
+      "train/loss",
+      "train/loss_sup",
+      "train/loss_s1",
+      "train/loss_s2",
+      "train/loss_fp",
+      "train/confident_fraction",
+    ):
       np.testing.assert_allclose(m1[key], m8[key], rtol=2e-4, atol=1e-6, err_msg=key)
   for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params)):
     np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5)
@@ -82,10 +95,13 @@ def test_unimatch_step_same_on_one_and_eight_devices(unimatch_runs):
 # ~100 s to the suite.
 @pytest.mark.parametrize("method, source", [("fixmatch", "student")])
 def test_other_methods_same_on_one_and_eight_devices(semi_batches, method, source):
-  config = tiny_config(method=method, unlabelled_batch_size=8,
-                       **{"teacher.source": source, "semi.threshold": 0.3})
-  (s1, h1, _), (s8, h8, _) = (run_steps(config, jax.devices()[:1], semi_batches[:1]),
-                              run_steps(config, jax.devices(), semi_batches[:1]))
+  config = tiny_config(
+    method=method, unlabelled_batch_size=8, **{"teacher.source": source, "semi.threshold": 0.3}
+  )
+  (s1, h1, _), (s8, h8, _) = (
+    run_steps(config, jax.devices()[:1], semi_batches[:1]),
+    run_steps(config, jax.devices(), semi_batches[:1]),
+  )
   for key in ("train/loss", "train/loss_sup", "train/loss_s1", "train/confident_fraction"):
     np.testing.assert_allclose(h1[0][key], h8[0][key], rtol=2e-4, atol=1e-6, err_msg=key)
   for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params)):
@@ -129,28 +145,45 @@ def test_pseudo_label_object_diagnostics_against_numpy():
   valid = rng.uniform(size=shape) > 0.2
   truth = rng.integers(0, k, shape).astype(np.uint8)
   truth[rng.uniform(size=shape) < 0.1] = 255
-  m = step_lib._pseudo_label_diagnostics(jnp.asarray(pseudo), jnp.asarray(conf),
-                                         jnp.asarray(valid), jnp.asarray(truth), 0.5, k,
-                                         background)
+  m = step_lib._pseudo_label_diagnostics(
+    jnp.asarray(pseudo),
+    jnp.asarray(conf),
+    jnp.asarray(valid),
+    jnp.asarray(truth),
+    0.5,
+    k,
+    background,
+  )
   labelled = valid & (truth != 255)
   confident = labelled & (conf >= 0.5)
   right = pseudo == truth
   is_object = labelled & ~np.isin(truth, background)
   labelled_object = confident & ~np.isin(pseudo, background)
-  np.testing.assert_allclose(m["train/pseudo_object_coverage"],
-                             (right & confident & is_object).sum() / is_object.sum(), rtol=1e-6)
-  np.testing.assert_allclose(m["train/pseudo_object_precision"],
-                             (right & labelled_object).sum() / labelled_object.sum(), rtol=1e-6)
+  np.testing.assert_allclose(
+    m["train/pseudo_object_coverage"],
+    (right & confident & is_object).sum() / is_object.sum(),
+    rtol=1e-6,
+  )
+  np.testing.assert_allclose(
+    m["train/pseudo_object_precision"],
+    (right & labelled_object).sum() / labelled_object.sum(),
+    rtol=1e-6,
+  )
 
 
 @pytest.mark.parametrize("method", ["fixmatch", "unimatch_v2"])
 def test_other_methods_train_through_the_loop(method, tmp_path):
-  config = tiny_config(method=method, total_steps=2, log_every=1, eval_every=2,
-                       checkpoint_every=2, **{"semi.threshold": 0.3})
+  config = tiny_config(
+    method=method,
+    total_steps=2,
+    log_every=1,
+    eval_every=2,
+    checkpoint_every=2,
+    **{"semi.threshold": 0.3},
+  )
   results = train.train_and_evaluate(config, str(tmp_path))
   assert int(results["state"].step) == 2
-  records = [r for r in logs.read_metrics(str(tmp_path / "metrics.jsonl"))
-             if "train/loss_s1" in r]
+  records = [r for r in logs.read_metrics(str(tmp_path / "metrics.jsonl")) if "train/loss_s1" in r]
   assert len(records) == 2
   assert all(np.isfinite(r["train/loss"]) for r in records)
   assert "train/pseudo_miou" in records[0]
@@ -158,10 +191,16 @@ def test_other_methods_train_through_the_loop(method, tmp_path):
     assert "train/loss_s2" in records[0]
 
 
-@pytest.mark.parametrize("key, value", [
-    ("method", "meanteacher"), ("semi.threshold", 1.5), ("teacher.ema_decay", 1.0),
-    ("teacher.ema_decay", -0.1), ("augment.cutmix_p", 2.0),
-])
+@pytest.mark.parametrize(
+  "key, value",
+  [
+    ("method", "meanteacher"),
+    ("semi.threshold", 1.5),
+    ("teacher.ema_decay", 1.0),
+    ("teacher.ema_decay", -0.1),
+    ("augment.cutmix_p", 2.0),
+  ],
+)
 def test_bad_semi_config_values_name_the_key(key, value):
   with pytest.raises(errors.ConfigError, match=rf"config\.{key}="):
     config_schema.validate(tiny_config(**{key: value}))

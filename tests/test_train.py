@@ -42,8 +42,8 @@ def labelled_batches():
   config = tiny_config()
   spec = datasets.build(config.data)
   it = pipeline.make_train_iterator(
-      spec.train_source, spec.labelled_indices, batch_size=8, crop_size=32, seed=0,
-      kind="labelled")
+    spec.train_source, spec.labelled_indices, batch_size=8, crop_size=32, seed=0, kind="labelled"
+  )
   return [next(it) for _ in range(2)]
 
 
@@ -82,8 +82,15 @@ def test_teacher_follows_student_after_first_step(labelled_batches):
 
 def test_sgd_matches_torch_semantics():
   """Weight decay before momentum, head lr x multiplier, poly decay (torch SGD)."""
-  config = tiny_config(**{"optim.lr": 0.1, "optim.weight_decay": 0.01, "optim.momentum": 0.9,
-                          "optim.head_lr_multiplier": 10.0, "optim.poly_power": 1.0})
+  config = tiny_config(
+    **{
+      "optim.lr": 0.1,
+      "optim.weight_decay": 0.01,
+      "optim.momentum": 0.9,
+      "optim.head_lr_multiplier": 10.0,
+      "optim.poly_power": 1.0,
+    }
+  )
   tx = optim.make_optimizer(config.optim, total_steps=10)
   params = {"backbone": {"w": np.array([1.0])}, "decoder": {"w": np.array([1.0])}}
   grads = {"backbone": {"w": np.array([0.5])}, "decoder": {"w": np.array([0.5])}}
@@ -104,9 +111,17 @@ def test_sgd_matches_torch_semantics():
 
 def test_adamw_matches_torch_semantics():
   """Decoupled weight decay scaled by the lr (torch AdamW), head lr x multiplier, poly decay."""
-  config = tiny_config(**{"optim.name": "adamw", "optim.lr": 0.1, "optim.weight_decay": 0.01,
-                          "optim.momentum": 0.9, "optim.adam_b2": 0.99,
-                          "optim.head_lr_multiplier": 10.0, "optim.poly_power": 1.0})
+  config = tiny_config(
+    **{
+      "optim.name": "adamw",
+      "optim.lr": 0.1,
+      "optim.weight_decay": 0.01,
+      "optim.momentum": 0.9,
+      "optim.adam_b2": 0.99,
+      "optim.head_lr_multiplier": 10.0,
+      "optim.poly_power": 1.0,
+    }
+  )
   tx = optim.make_optimizer(config.optim, total_steps=10)
   grad_values = [0.5, -0.2, 0.3]
   params = {"backbone": {"w": np.array([1.0])}, "decoder": {"w": np.array([1.0])}}
@@ -146,8 +161,9 @@ def test_loop_writes_metrics_images_checkpoints(straight_run):
   assert results["best"]["step"] == 4
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
   assert any(f.startswith("predictions_") for f in os.listdir(os.path.join(workdir, "images")))
-  assert any(f.startswith("events.out.tfevents")
-             for f in os.listdir(os.path.join(workdir, "tensorboard")))
+  assert any(
+    f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tensorboard"))
+  )
   # The parameter table counts every student parameter.
   table = open(os.path.join(workdir, "parameters.txt")).read()
   count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(results["state"].params))
@@ -165,8 +181,10 @@ def test_resume_equals_straight_run(straight_run, tmp_path):
   _tree_allclose(results["state"].ema_params, second["state"].ema_params, rtol=1e-6, atol=1e-7)
   # The data iterators stand at the same position: the same batches were consumed.
   state_file = os.path.join("checkpoints", "4", "data_labelled", "process_0-of-1.json")
-  with open(os.path.join(workdir, state_file)) as a, \
-       open(os.path.join(resumed_dir, state_file)) as b:
+  with (
+    open(os.path.join(workdir, state_file)) as a,
+    open(os.path.join(resumed_dir, state_file)) as b,
+  ):
     assert json.load(a) == json.load(b)
   # Running again on a finished workdir trains nothing more.
   again = train.train_and_evaluate(tiny_config(), resumed_dir)
@@ -200,8 +218,10 @@ def test_checkpoint_from_another_model_is_refused(straight_run):
   config = tiny_config(**{"model.decoder_channels": 24})
   model = segmenter.build_segmenter(config.model, 6)
   tx = optim.make_optimizer(config.optim, config.total_steps)
-  template = jax.eval_shape(functools.partial(
-      state_lib.init_state, model, tx, image_shape=(1, 32, 32, 3)), jax.random.key(0))
+  template = jax.eval_shape(
+    functools.partial(state_lib.init_state, model, tx, image_shape=(1, 32, 32, 3)),
+    jax.random.key(0),
+  )
   checkpointer = checkpointing.Checkpointer(workdir, keep=2)
   with pytest.raises(errors.CheckpointMismatchError, match=r"different model(.|\n)*decoder"):
     checkpointer.restore_latest(template, {})
@@ -221,8 +241,9 @@ def test_overwrite_moves_the_old_run_aside(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-  config = tiny_config(**{"optim.lr": 1e30, "log_every": 1, "checkpoint_every": 1,
-                          "total_steps": 6, "eval_every": 6})
+  config = tiny_config(
+    **{"optim.lr": 1e30, "log_every": 1, "checkpoint_every": 1, "total_steps": 6, "eval_every": 6}
+  )
   with pytest.raises(errors.NonFiniteLossError, match="NaN or infinite") as info:
     train.train_and_evaluate(config, str(tmp_path))
   saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints"))
@@ -230,8 +251,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert expected in str(info.value)
 
 
-@pytest.mark.parametrize("method, expected", [("supervised", 2 * (32 // 8)),
-                                              ("fixmatch", 2 * (32 // 16))])
+@pytest.mark.parametrize(
+  "method, expected", [("supervised", 2 * (32 // 8)), ("fixmatch", 2 * (32 // 16))]
+)
 def test_total_epochs_derive_total_steps_from_the_data(tmp_path, method, expected):
   # 64 training images, half labelled; an epoch is a pass over the unlabelled set for a semi
   # method (16 per step here) and over the labelled set for supervised (8 per step).

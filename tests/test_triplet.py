@@ -41,8 +41,9 @@ def _cfg(**overrides):
 def _sample(key, labels, cfg=None, background=(0,)):
   """The sampler, compiled (eager vmap-of-scan is slow)."""
   cfg = cfg or _cfg()
-  return jax.device_get(jax.jit(lambda k, y: triplet.sample_patches(k, y, cfg, background))(
-      key, jnp.asarray(labels)))
+  return jax.device_get(
+    jax.jit(lambda k, y: triplet.sample_patches(k, y, cfg, background))(key, jnp.asarray(labels))
+  )
 
 
 def _scene(size=64):
@@ -50,11 +51,12 @@ def _scene(size=64):
   labels = np.zeros((size, size), np.int32)
   labels[8:30, 6:40] = 1
   labels[28:52, 30:60] = 2
-  labels[size - 6:] = 255
+  labels[size - 6 :] = 255
   return labels
 
 
 # ---- the sampler ---------------------------------------------------------------------------
+
 
 def _np_overlap_rule(candidates, height, width, max_covered):
   union = np.zeros((height, width), bool)
@@ -130,8 +132,7 @@ def test_sampler_overlap_rule_and_refill_match_numpy(many_draws):
 
 
 def test_fixed_side():
-  sides = _sample(jax.random.key(1), np.zeros((4, 64, 64), np.int32),
-                  _cfg(fixed_side=128))["sides"]
+  sides = _sample(jax.random.key(1), np.zeros((4, 64, 64), np.int32), _cfg(fixed_side=128))["sides"]
   np.testing.assert_array_equal(sides, 16)  # 128 paper px on a 64-px crop
   # On VOC's 321 crop the default range becomes 40-160 px.
   assert triplet.side_range_pixels(_cfg(), 321) == (64, 256, 321 / 512)
@@ -139,19 +140,20 @@ def test_fixed_side():
 
 
 def test_sampler_fallbacks_and_ignore_is_dropped():
-  labels = np.zeros((4, 32, 32), np.int32)    # image 0: background only
-  labels[1] = 3                               # image 1: objects only
-  labels[2] = 255                             # image 2: nothing labelled
-  labels[3] = 4                               # image 3: two background classes (Cityscapes'
-  labels[3, :, 16:] = 7                       # stuff), no object
+  labels = np.zeros((4, 32, 32), np.int32)  # image 0: background only
+  labels[1] = 3  # image 1: objects only
+  labels[2] = 255  # image 2: nothing labelled
+  labels[3] = 4  # image 3: two background classes (Cityscapes'
+  labels[3, :, 16:] = 7  # stuff), no object
   out = _sample(jax.random.key(2), labels, background=(0, 4, 7))
-  np.testing.assert_array_equal(out["labels"][0], 0)    # object patches fall back to bg
-  np.testing.assert_array_equal(out["labels"][1], 3)    # the bg patch falls back to objects
+  np.testing.assert_array_equal(out["labels"][0], 0)  # object patches fall back to bg
+  np.testing.assert_array_equal(out["labels"][1], 3)  # the bg patch falls back to objects
   np.testing.assert_array_equal(out["labels"][2], 255)  # dropped
   assert set(np.unique(out["labels"][3])) == {4, 7}
 
 
 # ---- the graph -----------------------------------------------------------------------------
+
 
 def _find(parent, i):
   while parent[i] != i:
@@ -163,7 +165,7 @@ def _find(parent, i):
 def test_graph_is_one_tree_per_class_and_never_links_ignore(seed):
   rng = np.random.default_rng(seed)
   labels = rng.choice([0, 1, 2, 5, 255], size=40, p=[0.3, 0.3, 0.15, 0.05, 0.2])
-  labels[0], labels[1] = 7, 255               # class 7 has one node only
+  labels[0], labels[1] = 7, 255  # class 7 has one node only
   g = jax.device_get(triplet.build_graph(jax.random.key(seed), jnp.asarray(labels)))
   order, pos, neg = g["order"], g["positive"], g["negative"]
   assert sorted(order) == list(range(40))
@@ -171,7 +173,7 @@ def test_graph_is_one_tree_per_class_and_never_links_ignore(seed):
   # Ignore nodes have no partner and are nobody's partner.
   assert not g["has_positive"][~node].any() and not g["has_negative"][~node].any()
   assert node[pos[g["has_positive"]]].all() and node[neg[g["has_negative"]]].all()
-  assert not g["has_positive"][0]             # a class of one node: no positive
+  assert not g["has_positive"][0]  # a class of one node: no positive
   for c in set(labels[node]):
     members = np.flatnonzero(labels == c)
     root = members[np.argmin(order[members])]
@@ -199,8 +201,7 @@ def test_graph_partners_are_drawn_uniformly():
   # The node of class 0 visited last may link to any of the 5 others, equally often.
   last = np.array([np.flatnonzero(o[:6] == o[:6].max())[0] for o in g["order"]])
   picks = g["positive"][np.arange(2400), last]
-  counts = np.array([np.sum(picks[last == j] == k) for j in range(6) for k in range(6)
-                     if j != k])
+  counts = np.array([np.sum(picks[last == j] == k) for j in range(6) for k in range(6) if j != k])
   assert counts.min() > 0.5 * counts.mean() and counts.max() < 1.5 * counts.mean()
   # One class only: no negatives anywhere.
   g = jax.device_get(triplet.build_graph(jax.random.key(0), jnp.zeros((5,), jnp.int32)))
@@ -208,6 +209,7 @@ def test_graph_partners_are_drawn_uniformly():
 
 
 # ---- the loss and the embeddings -----------------------------------------------------------
+
 
 def test_triplet_loss_matches_numpy():
   rng = np.random.default_rng(0)
@@ -229,38 +231,50 @@ def test_triplet_loss_matches_numpy():
 
 def test_box_pool_matches_numpy():
   rng = np.random.default_rng(1)
-  feats = rng.normal(size=(2, 4, 4, 3)).astype(np.float32)     # stride 4 on 16 x 16 images
-  boxes = np.array([[[0, 0, 16, 16], [1, 2, 3, 5], [5, 6, 14, 9]],
-                    [[4, 4, 8, 8], [10, 0, 16, 3], [0, 13, 2, 16]]], np.int32)
+  feats = rng.normal(size=(2, 4, 4, 3)).astype(np.float32)  # stride 4 on 16 x 16 images
+  boxes = np.array(
+    [[[0, 0, 16, 16], [1, 2, 3, 5], [5, 6, 14, 9]], [[4, 4, 8, 8], [10, 0, 16, 3], [0, 13, 2, 16]]],
+    np.int32,
+  )
   got = np.asarray(triplet.box_pool(jnp.asarray(feats), jnp.asarray(boxes), (16, 16)))
-  pixels = feats.repeat(4, axis=1).repeat(4, axis=2)            # each pixel's feature cell
+  pixels = feats.repeat(4, axis=1).repeat(4, axis=2)  # each pixel's feature cell
   for n in range(2):
     for p in range(3):
       y0, x0, y1, x1 = boxes[n, p]
-      np.testing.assert_allclose(got[n, p], pixels[n, y0:y1, x0:x1].mean((0, 1)), rtol=1e-5,
-                                 atol=1e-6)
+      np.testing.assert_allclose(
+        got[n, p], pixels[n, y0:y1, x0:x1].mean((0, 1)), rtol=1e-5, atol=1e-6
+      )
   unit = np.asarray(triplet.l2_normalise(jnp.asarray(got)))
   np.testing.assert_allclose(np.linalg.norm(unit, axis=-1), 1.0, rtol=1e-5)
 
 
 # ---- a tiny model: gradients, one graph over 1 vs 8 devices, tuning mode -----------------
 
+
 @pytest.fixture(scope="module")
 def tiny():
   """Tuning mode (method "supervised", triplet alone, SGD without decay) on a tiny model:
   the initial state and the state after one step; the other tests reuse the model."""
-  config = tiny_config(**{"optim.weight_decay": 0.0, "losses.triplet.enabled": True,
-                          "losses.triplet.only": True})
+  config = tiny_config(
+    **{"optim.weight_decay": 0.0, "losses.triplet.enabled": True, "losses.triplet.only": True}
+  )
   spec = datasets.build(config.data)
-  batch = next(pipeline.make_train_iterator(spec.train_source, spec.labelled_indices,
-                                            batch_size=8, crop_size=32, seed=0,
-                                            kind="labelled"))
+  batch = next(
+    pipeline.make_train_iterator(
+      spec.train_source, spec.labelled_indices, batch_size=8, crop_size=32, seed=0, kind="labelled"
+    )
+  )
   mesh = sharding.make_mesh(jax.devices()[:1])
   model = segmenter.build_segmenter(config.model, 6, aux_heads=registry.required_heads(config))
   tx = optim.make_optimizer(config.optim, config.total_steps)
-  state = state_lib.init_on_mesh(model, tx, mesh, (1, 32, 32, 3), seed=0,
-                                 aux=registry.init_aux(config, 6,
-                                                       segmenter.feature_widths(model)))
+  state = state_lib.init_on_mesh(
+    model,
+    tx,
+    mesh,
+    (1, 32, 32, 3),
+    seed=0,
+    aux=registry.init_aux(config, 6, segmenter.feature_widths(model)),
+  )
   init = jax.device_get(state)
   step = step_lib.make_train_step(model, tx, config, mesh)
   final, metrics = step(state, sharding.host_to_global(batch, mesh))
@@ -268,9 +282,10 @@ def tiny():
 
 
 def _semi_config():
-  return tiny_config(method="fixmatch", **{"losses.triplet.enabled": True,
-                                           "losses.triplet.on_unlabelled": True,
-                                           "semi.threshold": 0.5})
+  return tiny_config(
+    method="fixmatch",
+    **{"losses.triplet.enabled": True, "losses.triplet.on_unlabelled": True, "semi.threshold": 0.5},
+  )
 
 
 def _triplet_loss_fn(config, model, batch_stats):
@@ -280,12 +295,23 @@ def _triplet_loss_fn(config, model, batch_stats):
     labelled = objective_lib.Features(low=None, high=x["high_l"], fused=None)
     weak = objective_lib.Features(low=None, high=x["high_u"], fused=None)
     ctx = objective_lib.StepContext(
-        config=config, model=model, params=params, batch_stats=batch_stats,
-        rng=jax.random.key(1), step=jnp.zeros((), jnp.int32), num_classes=4,
-        background_classes=(0,), labelled_image=x["image"], labelled_mask=x["mask"],
-        labelled_features=None, weak_image=x["image"], weak_valid=x["valid"],
-        pseudo=x["pseudo"], confidence=x["confidence"],
-        features={"labelled": labelled, "weak": weak})
+      config=config,
+      model=model,
+      params=params,
+      batch_stats=batch_stats,
+      rng=jax.random.key(1),
+      step=jnp.zeros((), jnp.int32),
+      num_classes=4,
+      background_classes=(0,),
+      labelled_image=x["image"],
+      labelled_mask=x["mask"],
+      labelled_features=None,
+      weak_image=x["image"],
+      weak_valid=x["valid"],
+      pseudo=x["pseudo"],
+      confidence=x["confidence"],
+      features={"labelled": labelled, "weak": weak},
+    )
     loss, metrics, _ = triplet.OBJECTIVE.loss(ctx, config.losses.triplet, {})
     return loss, metrics
 
@@ -297,13 +323,15 @@ def _inputs(params, n=8, seed=0):
   rng = np.random.default_rng(seed)
   width = params["head_triplet"]["conv0"]["kernel"].shape[2]
   blocks = lambda: np.kron(rng.integers(0, 4, (n, 2, 2)), np.ones((1, 16, 16), np.int64))
-  return {"image": jnp.zeros((n, 32, 32, 3)),
-          "mask": jnp.asarray(blocks().astype(np.uint8)),
-          "pseudo": jnp.asarray(blocks().astype(np.int32)),
-          "confidence": jnp.asarray(rng.random((n, 32, 32)).astype(np.float32)),
-          "valid": jnp.ones((n, 32, 32), jnp.float32),
-          "high_l": jnp.asarray(rng.normal(size=(n, 2, 2, width)).astype(np.float32)),
-          "high_u": jnp.asarray(rng.normal(size=(n, 2, 2, width)).astype(np.float32))}
+  return {
+    "image": jnp.zeros((n, 32, 32, 3)),
+    "mask": jnp.asarray(blocks().astype(np.uint8)),
+    "pseudo": jnp.asarray(blocks().astype(np.int32)),
+    "confidence": jnp.asarray(rng.random((n, 32, 32)).astype(np.float32)),
+    "valid": jnp.ones((n, 32, 32), jnp.float32),
+    "high_l": jnp.asarray(rng.normal(size=(n, 2, 2, width)).astype(np.float32)),
+    "high_u": jnp.asarray(rng.normal(size=(n, 2, 2, width)).astype(np.float32)),
+  }
 
 
 def _on_devices(devices, fn, params, x):
@@ -341,11 +369,14 @@ def test_tuning_mode_trains_on_the_triplet_loss_alone(tiny):
   # The supervised loss is computed and logged, not trained on.
   assert metrics["train/loss_sup"] > 0 and metrics["train/triplet/loss"] > 0
   assert metrics["train/loss"] == pytest.approx(metrics["train/triplet/loss"], rel=1e-6)
+
   # Gradients reach the projection head and the whole backbone (SGD without weight decay:
   # only a gradient moves a parameter); the decoder (features="high") stays at its init.
   def moved(tree_a, tree_b):
-    return max(float(np.abs(a - b).max())
-               for a, b in zip(jax.tree.leaves(tree_a), jax.tree.leaves(tree_b)))
+    return max(
+      float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(tree_a), jax.tree.leaves(tree_b))
+    )
+
   for part in ("head_triplet", "backbone"):
     assert moved(init.params[part], final.params[part]) > 0, part
   for layer in ("conv1", "layer1_0", "layer4_1"):
@@ -358,37 +389,41 @@ def test_tuned_backbone_file_starts_the_segmentation_stage(tiny, tmp_path):
   # What export_backbone writes (its own tests cover reading a checkpoint) and what
   # model.pretrained reads.
   path = str(tmp_path / "backbone.npz")
-  np.savez(path, **convert.flax_to_torch(final.params["backbone"],
-                                         final.batch_stats["backbone"]))
+  np.savez(path, **convert.flax_to_torch(final.params["backbone"], final.batch_stats["backbone"]))
   params, stats = convert.load_backbone(path, init.params, init.batch_stats)
-  for a, b in zip(jax.tree.leaves((params["backbone"], stats["backbone"])),
-                  jax.tree.leaves((final.params["backbone"], final.batch_stats["backbone"]))):
+  for a, b in zip(
+    jax.tree.leaves((params["backbone"], stats["backbone"])),
+    jax.tree.leaves((final.params["backbone"], final.batch_stats["backbone"])),
+  ):
     np.testing.assert_array_equal(a, b)
-  assert "export_backbone" in open(os.path.join(REPO, "configs",
-                                                "shapes_triplet_tuning.py")).read()
+  assert "export_backbone" in open(os.path.join(REPO, "configs", "shapes_triplet_tuning.py")).read()
 
 
 def test_visualise_draws_patches_and_edges(tiny):
   config, model, _, _, _ = tiny
   images = jnp.zeros((2, 64, 64, 3))
   masks = jnp.asarray(np.broadcast_to(_scene(), (2, 64, 64)).astype(np.uint8))
-  draw = jax.jit(lambda i, m, k: triplet.OBJECTIVE.visualise(model, None, i, m, k,
-                                                             config.losses.triplet))
+  draw = jax.jit(
+    lambda i, m, k: triplet.OBJECTIVE.visualise(model, None, i, m, k, config.losses.triplet)
+  )
   panels = np.asarray(draw(images, masks, jax.random.key(0))["triplet"])
   assert panels.shape == (2, 3, 64, 64, 3)
-  np.testing.assert_array_equal(panels[:, 0], 0)           # the input, untouched
+  np.testing.assert_array_equal(panels[:, 0], 0)  # the input, untouched
   drawn = np.abs(panels[:, 1:]).sum(-1) > 0
-  assert 0.02 < drawn.mean() < 0.8                         # outlines and edges, not fills
+  assert 0.02 < drawn.mean() < 0.8  # outlines and edges, not fills
   palette = np.asarray(augment.normalize(viz.make_palette(6)[:3] / 255.0))
   for c in (1, 2):  # both object classes' colours appear
     assert np.any(np.all(np.isclose(panels[:, 1], palette[c], atol=1e-5), -1))
-  assert not np.array_equal(panels[:, 1], panels[:, 2])    # trees vs negative edges
+  assert not np.array_equal(panels[:, 1], panels[:, 2])  # trees vs negative edges
 
 
 # ---- configs -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["shapes_triplet.py", "shapes_triplet_tuning.py",
-                                  "voc_triplet.py", "voc_triplet_tuning.py"])
+
+@pytest.mark.parametrize(
+  "name",
+  ["shapes_triplet.py", "shapes_triplet_tuning.py", "voc_triplet.py", "voc_triplet_tuning.py"],
+)
 def test_triplet_configs_validate(name):
   config = config_schema.sibling_config(os.path.join(REPO, "configs", "x.py"), name)
   with config.unlocked():
@@ -398,14 +433,23 @@ def test_triplet_configs_validate(name):
   assert config.losses.triplet.only == name.endswith("_tuning.py")
 
 
-@pytest.mark.parametrize("key, value", [
-    ("losses.triplet.weight", 0.0), ("losses.triplet.patches_per_image", 1),
-    ("losses.triplet.background_share", 1.0), ("losses.triplet.side_range", (64, 32)),
-    ("losses.triplet.fixed_side", -1), ("losses.triplet.max_covered", 0.0),
-    ("losses.triplet.candidates_per_patch", 0), ("losses.triplet.margin", 0.0),
-    ("losses.triplet.features", "logits"), ("losses.triplet.embedding_dim", 0),
-    ("losses.triplet.only", True), ("losses.triplet.background_classes", (-1,)),
-])
+@pytest.mark.parametrize(
+  "key, value",
+  [
+    ("losses.triplet.weight", 0.0),
+    ("losses.triplet.patches_per_image", 1),
+    ("losses.triplet.background_share", 1.0),
+    ("losses.triplet.side_range", (64, 32)),
+    ("losses.triplet.fixed_side", -1),
+    ("losses.triplet.max_covered", 0.0),
+    ("losses.triplet.candidates_per_patch", 0),
+    ("losses.triplet.margin", 0.0),
+    ("losses.triplet.features", "logits"),
+    ("losses.triplet.embedding_dim", 0),
+    ("losses.triplet.only", True),
+    ("losses.triplet.background_classes", (-1,)),
+  ],
+)
 def test_bad_triplet_values_name_the_key(key, value):
   config = tiny_config(method="fixmatch", **{"losses.triplet.enabled": True, key: value})
   with pytest.raises(errors.ConfigError, match=rf"config\.{key}="):
@@ -416,8 +460,9 @@ def test_unlabelled_patches_need_a_semi_supervised_method():
   config = tiny_config(**{"losses.triplet.enabled": True, "losses.triplet.on_unlabelled": True})
   with pytest.raises(errors.ConfigError, match=r"config\.losses\.triplet\.on_unlabelled="):
     config_schema.validate(config)
-  config_schema.validate(tiny_config(**{"losses.triplet.enabled": True,
-                                        "losses.triplet.only": True}))
+  config_schema.validate(
+    tiny_config(**{"losses.triplet.enabled": True, "losses.triplet.only": True})
+  )
 
 
 def test_config_block_is_plain_data():

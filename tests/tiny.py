@@ -47,12 +47,18 @@ def run_steps(config, devices, batches, num_classes=6, crop=32):
   Returns (final state on the host, per-step metrics on the host, the compiled step).
   """
   mesh = sharding.make_mesh(devices)
-  model = segmenter.build_segmenter(config.model, num_classes,
-                                    aux_heads=registry.required_heads(config))
+  model = segmenter.build_segmenter(
+    config.model, num_classes, aux_heads=registry.required_heads(config)
+  )
   tx = optim.make_optimizer(config.optim, config.total_steps)
-  state = state_lib.init_on_mesh(model, tx, mesh, (1, crop, crop, 3), seed=0,
-                                 aux=registry.init_aux(config, num_classes,
-                                                     segmenter.feature_widths(model)))
+  state = state_lib.init_on_mesh(
+    model,
+    tx,
+    mesh,
+    (1, crop, crop, 3),
+    seed=0,
+    aux=registry.init_aux(config, num_classes, segmenter.feature_widths(model)),
+  )
   step = step_lib.make_train_step(model, tx, config, mesh)
   history = []
   for batch in batches:

@@ -15,10 +15,15 @@ import zipfile
 
 import numpy as np
 
-_STORAGE_NAMES = {np.dtype("float32"): "FloatStorage", np.dtype("float64"): "DoubleStorage",
-                  np.dtype("float16"): "HalfStorage", np.dtype("int64"): "LongStorage",
-                  np.dtype("int32"): "IntStorage", np.dtype("uint8"): "ByteStorage",
-                  np.dtype("bool"): "BoolStorage"}
+_STORAGE_NAMES = {
+  np.dtype("float32"): "FloatStorage",
+  np.dtype("float64"): "DoubleStorage",
+  np.dtype("float16"): "HalfStorage",
+  np.dtype("int64"): "LongStorage",
+  np.dtype("int32"): "IntStorage",
+  np.dtype("uint8"): "ByteStorage",
+  np.dtype("bool"): "BoolStorage",
+}
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
@@ -33,21 +38,21 @@ class Global:
 
 
 class _Storage:
-
   def __init__(self, key, array):
     self.key, self.array = key, array
 
 
 class _Tensor:
-
   def __init__(self, storage, array):
     self.storage, self.shape = storage, array.shape
     # C-contiguous strides in elements, as torch records them.
     self.stride = tuple(s // array.itemsize for s in array.strides) if array.ndim else ()
 
   def __reduce_ex__(self, protocol):
-    return (Global("torch._utils", "_rebuild_tensor_v2"),
-            (self.storage, 0, self.shape, self.stride, False, collections.OrderedDict()))
+    return (
+      Global("torch._utils", "_rebuild_tensor_v2"),
+      (self.storage, 0, self.shape, self.stride, False, collections.OrderedDict()),
+    )
 
 
 class Evil:
@@ -61,7 +66,6 @@ class Evil:
 
 
 class _Pickler(pickle._Pickler):  # pylint: disable=protected-access
-
   def __init__(self, file, legacy):
     super().__init__(file, protocol=2)
     self.legacy = legacy
@@ -75,8 +79,13 @@ class _Pickler(pickle._Pickler):  # pylint: disable=protected-access
   def persistent_id(self, obj):
     if not isinstance(obj, _Storage):
       return None
-    pid = ("storage", Global("torch", _STORAGE_NAMES[obj.array.dtype]), obj.key, "cpu",
-           obj.array.size)
+    pid = (
+      "storage",
+      Global("torch", _STORAGE_NAMES[obj.array.dtype]),
+      obj.key,
+      "cpu",
+      obj.array.size,
+    )
     return pid + (None,) if self.legacy else pid
 
 
@@ -104,8 +113,15 @@ def legacy_bytes(state_dict) -> bytes:
   """The bytes torch.save(..., _use_new_zipfile_serialization=False) writes."""
   tensors, storages = _tensors(state_dict)
   out = io.BytesIO()
-  for header in (LEGACY_MAGIC, 1001, {"protocol_version": 1001, "little_endian": True,
-                                      "type_sizes": {"short": 2, "int": 4, "long": 4}}):
+  for header in (
+    LEGACY_MAGIC,
+    1001,
+    {
+      "protocol_version": 1001,
+      "little_endian": True,
+      "type_sizes": {"short": 2, "int": 4, "long": 4},
+    },
+  ):
     pickle.dump(header, out, protocol=2)
   out.write(_pickle(tensors, legacy=True))
   pickle.dump([s.key for s in storages], out, protocol=2)
@@ -133,8 +149,11 @@ def safetensors_bytes(state_dict) -> bytes:
   header, data = {}, b""
   for name, value in state_dict.items():
     value = np.array(value, order="C")
-    header[name] = {"dtype": codes[value.dtype], "shape": list(value.shape),
-                    "data_offsets": [len(data), len(data) + value.nbytes]}
+    header[name] = {
+      "dtype": codes[value.dtype],
+      "shape": list(value.shape),
+      "data_offsets": [len(data), len(data) + value.nbytes],
+    }
     data += value.tobytes()
   text = json.dumps(header).encode()
   return struct.pack("<Q", len(text)) + text + data

@@ -38,9 +38,31 @@ from PIL import Image
 from scipy import io as scipy_io
 
 # The 23 classes of the annotations, in their 1-based order.
-MSRC_CLASSES = ("building", "grass", "tree", "cow", "horse", "sheep", "sky", "mountain",
-                "aeroplane", "water", "face", "car", "bicycle", "flower", "sign", "bird",
-                "book", "chair", "road", "cat", "dog", "body", "boat")
+MSRC_CLASSES = (
+  "building",
+  "grass",
+  "tree",
+  "cow",
+  "horse",
+  "sheep",
+  "sky",
+  "mountain",
+  "aeroplane",
+  "water",
+  "face",
+  "car",
+  "bicycle",
+  "flower",
+  "sign",
+  "bird",
+  "book",
+  "chair",
+  "road",
+  "cat",
+  "dog",
+  "body",
+  "boat",
+)
 DROPPED = ("horse", "mountain")
 CLASSES = tuple(c for c in MSRC_CLASSES if c not in DROPPED)
 STUFF = ("building", "grass", "tree", "sky", "water", "road")
@@ -62,13 +84,15 @@ def class_mask(segments: np.ndarray, segment_labels: np.ndarray, source: str) ->
   segment_labels = np.asarray(segment_labels, np.int64).ravel()
   count = int(segments.max())
   if segments.min() < 0 or count - len(segment_labels) not in (0, 1):
-    raise ValueError(f"{source}: {count} segments but {len(segment_labels)} labels (expected "
-                     "as many, or one fewer when the last segment is void).")
+    raise ValueError(
+      f"{source}: {count} segments but {len(segment_labels)} labels (expected "
+      "as many, or one fewer when the last segment is void)."
+    )
   if segment_labels.min(initial=1) < 1 or segment_labels.max(initial=1) > len(MSRC_CLASSES):
     raise ValueError(f"{source}: a segment label outside 1..{len(MSRC_CLASSES)}.")
   # Segment id -> annotation class; id 0 and a trailing unlabelled segment are void (0).
   by_segment = np.zeros(count + 1, np.int64)
-  by_segment[1:len(segment_labels) + 1] = segment_labels
+  by_segment[1 : len(segment_labels) + 1] = segment_labels
   return label_lookup()[by_segment[segments]]
 
 
@@ -79,7 +103,7 @@ def convert(raw: str, out: str, *, val_fraction: float = 0.2, seed: int = 0) -> 
     raise FileNotFoundError(f"No newsegmentations_mats/*_GT.mat under {raw}.")
   if os.path.exists(out) and os.listdir(out):
     raise FileExistsError(f"{out} exists and is not empty; give a new --out.")
-  names = [os.path.basename(p)[:-len("_GT.mat")] for p in mats]
+  names = [os.path.basename(p)[: -len("_GT.mat")] for p in mats]
   order = np.random.default_rng(seed).permutation(len(names))
   num_val = int(round(val_fraction * len(names)))
   split_of = {names[i]: ("val" if rank < num_val else "train") for rank, i in enumerate(order)}
@@ -90,8 +114,10 @@ def convert(raw: str, out: str, *, val_fraction: float = 0.2, seed: int = 0) -> 
     mask = class_mask(record["newseg"], record["newlabels"], mat)
     image = Image.open(image_path).convert("RGB")
     if image.size != (mask.shape[1], mask.shape[0]):
-      raise ValueError(f"{image_path} is {image.size[0]}x{image.size[1]} but its mask "
-                       f"{mat} is {mask.shape[1]}x{mask.shape[0]}.")
+      raise ValueError(
+        f"{image_path} is {image.size[0]}x{image.size[1]} but its mask "
+        f"{mat} is {mask.shape[1]}x{mask.shape[0]}."
+      )
     split = split_of[name]
     for kind, array_or_image, ext in (("images", image, ".png"), ("masks", mask, ".png")):
       path = os.path.join(out, kind, split, name + ext)
@@ -100,15 +126,17 @@ def convert(raw: str, out: str, *, val_fraction: float = 0.2, seed: int = 0) -> 
       picture.save(path)
     counts[split] += 1
   with open(os.path.join(out, "classes.json"), "w") as f:
-    json.dump({"classes": list(CLASSES),
-               "background_classes": [CLASSES.index(c) for c in STUFF]}, f, indent=1)
+    json.dump(
+      {"classes": list(CLASSES), "background_classes": [CLASSES.index(c) for c in STUFF]},
+      f,
+      indent=1,
+    )
   return counts
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--raw", required=True, help="folder with Images/ and "
-                      "newsegmentations_mats/")
+  parser.add_argument("--raw", required=True, help="folder with Images/ and newsegmentations_mats/")
   parser.add_argument("--out", required=True, help="new folder for the folder dataset")
   parser.add_argument("--val_fraction", type=float, default=0.2)
   parser.add_argument("--seed", type=int, default=0)
@@ -117,8 +145,10 @@ def main(argv=None) -> None:
     counts = convert(args.raw, args.out, val_fraction=args.val_fraction, seed=args.seed)
   except (OSError, ValueError) as e:
     sys.exit(f"msrc.py: error: {e}")
-  print(f"wrote {counts['train']} training and {counts['val']} validation images with masks "
-        f"and classes.json to {args.out}")
+  print(
+    f"wrote {counts['train']} training and {counts['val']} validation images with masks "
+    f"and classes.json to {args.out}"
+  )
 
 
 if __name__ == "__main__":

@@ -27,18 +27,25 @@ def _reason(error: DataError) -> str:
   return " ".join(str(error).replace(advice, "").split())
 
 
-def check_sources(named_sources, *, on_bad_example: str, process_index: int = 0,
-                  process_count: int = 1) -> int:
+def check_sources(
+  named_sources, *, on_bad_example: str, process_index: int = 0, process_count: int = 1
+) -> int:
   """Reads every example of each (name, source); returns the number of bad ones found.
 
   With on_bad_example="stop" a bad example is a DataError listing the first ones; with
   "skip" they are only counted (the sources record them and skip them when training).
   """
-  plan = [(name, source, index) for name, source in named_sources
-          for index in range(process_index, len(source), process_count)]
+  plan = [
+    (name, source, index)
+    for name, source in named_sources
+    for index in range(process_index, len(source), process_count)
+  ]
   total = sum(len(source) for _, source in named_sources)
-  logging.info("data.check_files: decoding the %d examples of %s once before training.",
-               total, " and ".join(name for name, _ in named_sources))
+  logging.info(
+    "data.check_files: decoding the %d examples of %s once before training.",
+    total,
+    " and ".join(name for name, _ in named_sources),
+  )
 
   def read(item):
     name, source, index = item
@@ -59,19 +66,30 @@ def check_sources(named_sources, *, on_bad_example: str, process_index: int = 0,
       if now - last_report >= _REPORT_SECONDS and done < len(plan):
         last_report = now
         rate = done / (now - start)
-        logging.info("data.check_files: %d/%d (%d%%), %d bad so far, ETA %.0fs", done,
-                     len(plan), 100 * done // len(plan), len(bad), (len(plan) - done) / rate)
+        logging.info(
+          "data.check_files: %d/%d (%d%%), %d bad so far, ETA %.0fs",
+          done,
+          len(plan),
+          100 * done // len(plan),
+          len(bad),
+          (len(plan) - done) / rate,
+        )
   counts = np.asarray([len(bad)], np.int32)
   if process_count > 1:
     counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1)
   found = int(counts.sum())
-  logging.info("data.check_files: %d examples read in %.0fs, %d bad.", len(plan),
-               time.monotonic() - start, found)
+  logging.info(
+    "data.check_files: %d examples read in %.0fs, %d bad.",
+    len(plan),
+    time.monotonic() - start,
+    found,
+  )
   if found and on_bad_example == "stop":
     shown = "\n  ".join(bad[:_SHOWN]) if bad else "(found by other processes; see their logs)"
     more = f"\n  ... and {len(bad) - _SHOWN} more on this process" if len(bad) > _SHOWN else ""
     raise DataError(
-        f"data.check_files: {found} of {total} examples cannot be read:\n  {shown}{more}\n"
-        "Fix or remove those files, or set --config.data.on_bad_example=skip to train "
-        "without them.")
+      f"data.check_files: {found} of {total} examples cannot be read:\n  {shown}{more}\n"
+      "Fix or remove those files, or set --config.data.on_bad_example=skip to train "
+      "without them."
+    )
   return found

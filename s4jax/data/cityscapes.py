@@ -15,9 +15,26 @@ import numpy as np
 from s4jax.data import files
 
 CLASS_NAMES = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic_light", "traffic_sign",
-    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
-    "motorcycle", "bicycle")
+  "road",
+  "sidewalk",
+  "building",
+  "wall",
+  "fence",
+  "pole",
+  "traffic_light",
+  "traffic_sign",
+  "vegetation",
+  "terrain",
+  "sky",
+  "person",
+  "rider",
+  "car",
+  "truck",
+  "bus",
+  "train",
+  "motorcycle",
+  "bicycle",
+)
 NUM_CLASSES = len(CLASS_NAMES)
 # The "stuff" classes road..sky: background for objectives that separate objects.
 BACKGROUND_CLASSES = tuple(range(11))
@@ -26,8 +43,26 @@ NUM_VAL = 500
 
 # Official label id -> train id (cityscapesScripts labels.py); unlisted ids 0..33 -> 255.
 _TRAIN_ID_OF_LABEL_ID = {
-    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
-    25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+  7: 0,
+  8: 1,
+  11: 2,
+  12: 3,
+  13: 4,
+  17: 5,
+  19: 6,
+  20: 7,
+  21: 8,
+  22: 9,
+  23: 10,
+  24: 11,
+  25: 12,
+  26: 13,
+  27: 14,
+  28: 15,
+  31: 16,
+  32: 17,
+  33: 18,
+}
 NUM_LABEL_IDS = 34
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
@@ -44,10 +79,11 @@ EXPECTED_TREE = """\
 """
 
 SPLIT_HELP = (
-    "Published Cityscapes splits (1_16, 1_8, 1_4, 1_2) are in the splits/cityscapes/ folder "
-    "of https://github.com/LiheYoung/UniMatch; copy that folder to <data.root>/splits or "
-    "point --config.data.splits_dir at it, or give the files with "
-    "--config.data.labelled_list / --config.data.unlabelled_list.")
+  "Published Cityscapes splits (1_16, 1_8, 1_4, 1_2) are in the splits/cityscapes/ folder "
+  "of https://github.com/LiheYoung/UniMatch; copy that folder to <data.root>/splits or "
+  "point --config.data.splits_dir at it, or give the files with "
+  "--config.data.labelled_list / --config.data.unlabelled_list."
+)
 
 
 def label_id_table() -> np.ndarray:
@@ -66,11 +102,14 @@ def mask_path_for(image_path: str, root: str | None = None) -> str:
   if "leftImg8bit" in parts:
     parts[parts.index("leftImg8bit")] = "gtFine"
   name = parts[-1]
-  base = name[:-len(IMAGE_SUFFIX)] if name.endswith(IMAGE_SUFFIX) else files.stem(name)
+  base = name[: -len(IMAGE_SUFFIX)] if name.endswith(IMAGE_SUFFIX) else files.stem(name)
   label_ids = "/".join(parts[:-1] + [base + LABEL_IDS_SUFFIX])
   train_ids = "/".join(parts[:-1] + [base + TRAIN_IDS_SUFFIX])
-  if root is not None and not os.path.isfile(os.path.join(root, label_ids)) and os.path.isfile(
-      os.path.join(root, train_ids)):
+  if (
+    root is not None
+    and not os.path.isfile(os.path.join(root, label_ids))
+    and os.path.isfile(os.path.join(root, train_ids))
+  ):
     return train_ids
   return label_ids
 
@@ -90,8 +129,11 @@ class CityscapesLayout(files.Layout):
 
   def _entries(self, split: str) -> list[files.Entry]:
     image_dir = self.require_dir("leftImg8bit", split)
-    images = [os.path.join("leftImg8bit", split, p) for p in files.list_images(image_dir)
-              if p.endswith(IMAGE_SUFFIX)]
+    images = [
+      os.path.join("leftImg8bit", split, p)
+      for p in files.list_images(image_dir)
+      if p.endswith(IMAGE_SUFFIX)
+    ]
     if not images:
       raise self.layout_error(f"{image_dir} holds no *{IMAGE_SUFFIX} images.")
     return [files.Entry(p, mask_path_for(p, self.root)) for p in images]

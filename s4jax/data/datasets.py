@@ -29,8 +29,11 @@ from s4jax.data import splits
 from s4jax.data import voc
 from s4jax.errors import DataError
 
-LAYOUTS = {"voc": voc.VocLayout, "cityscapes": cityscapes.CityscapesLayout,
-           "folder": folder.FolderLayout}
+LAYOUTS = {
+  "voc": voc.VocLayout,
+  "cityscapes": cityscapes.CityscapesLayout,
+  "folder": folder.FolderLayout,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,18 +64,28 @@ class DatasetSpec:
 def build(data_config) -> DatasetSpec:
   if data_config.name == "shapes":
     style = shapes_style(data_config)
-    train = shapes.ShapesSource("train", data_config.num_train, data_config.image_size,
-                                seed=data_config.split_seed, style=style)
-    val = shapes.ShapesSource("val", data_config.num_val, data_config.image_size,
-                              seed=data_config.split_seed, style=style)
-    labelled = pipeline.labelled_subset(len(train), data_config.labelled_fraction,
-                                        data_config.split_seed)
+    train = shapes.ShapesSource(
+      "train",
+      data_config.num_train,
+      data_config.image_size,
+      seed=data_config.split_seed,
+      style=style,
+    )
+    val = shapes.ShapesSource(
+      "val", data_config.num_val, data_config.image_size, seed=data_config.split_seed, style=style
+    )
+    labelled = pipeline.labelled_subset(
+      len(train), data_config.labelled_fraction, data_config.split_seed
+    )
     return DatasetSpec(
-        train_source=train, val_source=val, labelled_indices=labelled,
-        unlabelled_indices=pipeline.unlabelled_complement(len(train), labelled),
-        class_names=tuple(shapes.CLASS_NAMES),
-        unlabelled_has_masks=bool(data_config.use_unlabelled_masks),
-        background_classes=(0,))
+      train_source=train,
+      val_source=val,
+      labelled_indices=labelled,
+      unlabelled_indices=pipeline.unlabelled_complement(len(train), labelled),
+      class_names=tuple(shapes.CLASS_NAMES),
+      unlabelled_has_masks=bool(data_config.use_unlabelled_masks),
+      background_classes=(0,),
+    )
   if data_config.name in LAYOUTS:
     return _build_from_files(data_config)
   raise DataError(f"config.data.name={data_config.name!r} is not a known dataset.")
@@ -82,16 +95,19 @@ def shapes_style(data_config) -> shapes.Style:
   """The `data.shapes` config block as a shapes.Style (tuples, whatever JSON made of them)."""
   block = data_config.shapes
   return shapes.Style(
-      objects=tuple(int(n) for n in block.objects),
-      radius=tuple(float(r) for r in block.radius),
-      max_rotation=float(block.max_rotation), clutter=bool(block.clutter),
-      textures=bool(block.textures))
+    objects=tuple(int(n) for n in block.objects),
+    radius=tuple(float(r) for r in block.radius),
+    max_rotation=float(block.max_rotation),
+    clutter=bool(block.clutter),
+    textures=bool(block.textures),
+  )
 
 
 def _read_list(layout: files.Layout, path: str) -> list[files.Entry]:
   path = _under_root(layout.root, path)
-  return [layout.resolve(first, second, origin)
-          for first, second, origin in splits.read_split_file(path)]
+  return [
+    layout.resolve(first, second, origin) for first, second, origin in splits.read_split_file(path)
+  ]
 
 
 def _under_root(root: str, path: str) -> str:
@@ -108,9 +124,10 @@ def _named_split(layout: files.Layout, data_config) -> tuple[str, str]:
   unlabelled = splits.find_named(directory, splits.UNLABELLED_NAMES)
   if labelled is None or unlabelled is None:
     raise DataError(
-        f"config.data.split={data_config.split!r}: no "
-        f"{os.path.join(directory, splits.LABELLED_NAMES[0])} and "
-        f"{splits.UNLABELLED_NAMES[0]} there. {layout.split_help}")
+      f"config.data.split={data_config.split!r}: no "
+      f"{os.path.join(directory, splits.LABELLED_NAMES[0])} and "
+      f"{splits.UNLABELLED_NAMES[0]} there. {layout.split_help}"
+    )
   return labelled, unlabelled
 
 
@@ -132,13 +149,15 @@ def _train_entries(layout: files.Layout, data_config, default_train) -> tuple[li
   with_masks = [e for e in train if e.mask is not None]
   without_masks = [e for e in train if e.mask is None]  # unlabelled by nature (folder)
   if not with_masks:
-    raise DataError(f"The {layout.name} training set under {layout.root} has no images with "
-                    "masks; at least one labelled image is needed.")
-  chosen = pipeline.labelled_subset(len(with_masks), data_config.labelled_fraction,
-                                    data_config.split_seed)
+    raise DataError(
+      f"The {layout.name} training set under {layout.root} has no images with "
+      "masks; at least one labelled image is needed."
+    )
+  chosen = pipeline.labelled_subset(
+    len(with_masks), data_config.labelled_fraction, data_config.split_seed
+  )
   rest = pipeline.unlabelled_complement(len(with_masks), chosen)
-  return ([with_masks[i] for i in chosen],
-          [with_masks[i] for i in rest] + without_masks)
+  return ([with_masks[i] for i in chosen], [with_masks[i] for i in rest] + without_masks)
 
 
 def _drop_missing_hidden_masks(root: str, unlabelled: list) -> list:
@@ -148,14 +167,18 @@ def _drop_missing_hidden_masks(root: str, unlabelled: list) -> list:
   masks that a plain VOC download lacks (UniMatch's lists point at its merged
   SegmentationClass folder), so a missing one is not worth stopping for.
   """
-  missing = [e for e in unlabelled
-             if e.mask is not None and not os.path.isfile(os.path.join(root, e.mask))]
+  missing = [
+    e for e in unlabelled if e.mask is not None and not os.path.isfile(os.path.join(root, e.mask))
+  ]
   if not missing:
     return unlabelled
   logging.warning(
-      "%d of %d unlabelled images are listed with masks that do not exist (e.g. %s); these "
-      "masks only serve the pseudo-label diagnostics, which are off for this run.",
-      len(missing), len(unlabelled), os.path.join(root, missing[0].mask))
+    "%d of %d unlabelled images are listed with masks that do not exist (e.g. %s); these "
+    "masks only serve the pseudo-label diagnostics, which are off for this run.",
+    len(missing),
+    len(unlabelled),
+    os.path.join(root, missing[0].mask),
+  )
   gone = {id(e) for e in missing}
   return [dataclasses.replace(e, mask=None) if id(e) in gone else e for e in unlabelled]
 
@@ -166,6 +189,7 @@ def _build_from_files(data_config) -> DatasetSpec:
   skipped = files.SkippedLog() if data_config.on_bad_example == "skip" else None
   if use_tfds:
     from s4jax.data import tfds_builders  # pylint: disable=import-outside-toplevel
+
     catalogue = tfds_builders.Catalogue(data_config.tfds_dir, data_config.name)
     default_train = lambda: catalogue.entries("train")  # noqa: E731
     default_val = lambda: catalogue.entries("val")  # noqa: E731
@@ -176,47 +200,64 @@ def _build_from_files(data_config) -> DatasetSpec:
   if not use_tfds:
     unlabelled = _drop_missing_hidden_masks(layout.root, unlabelled)
     check = lambda entries: files.check_entries_exist(  # noqa: E731
-        layout.root, entries, on_bad_example=data_config.on_bad_example, skipped=skipped)
+      layout.root, entries, on_bad_example=data_config.on_bad_example, skipped=skipped
+    )
     labelled, unlabelled, val = check(labelled), check(unlabelled), check(val)
   if not labelled:
-    raise DataError(f"The {layout.name} training set under {layout.root} has no labelled "
-                    "images (images with masks); check data.root and the split files.")
+    raise DataError(
+      f"The {layout.name} training set under {layout.root} has no labelled "
+      "images (images with masks); check data.root and the split files."
+    )
   missing_val_masks = [e for e in val if e.mask is None]
   if missing_val_masks:
-    raise DataError(f"Validation image {missing_val_masks[0].image} has no mask "
-                    f"(listed at {missing_val_masks[0].origin or 'the validation set'}).")
+    raise DataError(
+      f"Validation image {missing_val_masks[0].image} has no mask "
+      f"(listed at {missing_val_masks[0].origin or 'the validation set'})."
+    )
   labelled_masks = [e for e in labelled if e.mask is None]
   if labelled_masks:
-    raise DataError(f"Labelled image {labelled_masks[0].image} has no mask "
-                    f"(listed at {labelled_masks[0].origin or 'the training set'}).")
+    raise DataError(
+      f"Labelled image {labelled_masks[0].image} has no mask "
+      f"(listed at {labelled_masks[0].origin or 'the training set'})."
+    )
   # A batch needs the same keys in every example: hidden masks of unlabelled images are kept
   # for diagnostics only if every unlabelled image has one (and the config wants them).
-  unlabelled_has_masks = (bool(data_config.use_unlabelled_masks) and bool(unlabelled)
-                          and all(e.mask is not None for e in unlabelled))
+  unlabelled_has_masks = (
+    bool(data_config.use_unlabelled_masks)
+    and bool(unlabelled)
+    and all(e.mask is not None for e in unlabelled)
+  )
   if not unlabelled_has_masks:
     unlabelled = [dataclasses.replace(e, mask=None) for e in unlabelled]
   train_entries = labelled + unlabelled
   if use_tfds:
     make = lambda split, entries: tfds_builders.TfdsSource(  # noqa: E731
-        catalogue, split, entries, num_classes=len(layout.class_names))
+      catalogue, split, entries, num_classes=len(layout.class_names)
+    )
     train_source, val_source = make("train", train_entries), make("val", val)
   else:
     make = lambda entries: layout.source(  # noqa: E731
-        entries, on_bad_example=data_config.on_bad_example, skipped=skipped)
+      entries, on_bad_example=data_config.on_bad_example, skipped=skipped
+    )
     train_source, val_source = make(train_entries), make(val)
   return DatasetSpec(
-      train_source=train_source, val_source=val_source,
-      labelled_indices=np.arange(len(labelled), dtype=np.int64),
-      unlabelled_indices=np.arange(len(labelled), len(train_entries), dtype=np.int64),
-      class_names=tuple(layout.class_names), unlabelled_has_masks=unlabelled_has_masks,
-      background_classes=tuple(layout.background_classes), skipped=skipped)
+    train_source=train_source,
+    val_source=val_source,
+    labelled_indices=np.arange(len(labelled), dtype=np.int64),
+    unlabelled_indices=np.arange(len(labelled), len(train_entries), dtype=np.int64),
+    class_names=tuple(layout.class_names),
+    unlabelled_has_masks=unlabelled_has_masks,
+    background_classes=tuple(layout.background_classes),
+    skipped=skipped,
+  )
 
 
 def default_train_source(name: str, root: str) -> files.PairSource:
   """The standard training set of a dataset on disk (for new splits)."""
   layout = LAYOUTS[name](root)
-  entries = files.check_entries_exist(root, layout.train_entries(), on_bad_example="stop",
-                                      skipped=None)
+  entries = files.check_entries_exist(
+    root, layout.train_entries(), on_bad_example="stop", skipped=None
+  )
   return layout.source(entries)
 
 

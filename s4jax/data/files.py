@@ -38,14 +38,17 @@ IGNORE_INDEX = 255
 ON_BAD_EXAMPLE = ("stop", "skip")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
-_WHAT_TO_DO = ("Fix or remove the file, or set --config.data.on_bad_example=skip to skip bad "
-               "examples (they are counted at the end of training).")
+_WHAT_TO_DO = (
+  "Fix or remove the file, or set --config.data.on_bad_example=skip to skip bad "
+  "examples (they are counted at the end of training)."
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
   """One example on disk. Paths are relative to the dataset root; `origin` says where the
   entry came from (e.g. "splits/92/labeled.txt:12") for error messages."""
+
   image: str
   mask: str | None
   origin: str = ""
@@ -101,20 +104,23 @@ class SkippedLog:
       return None
     shown = "; ".join(f"{path} ({reason})" for path, reason in list(entries.items())[:5])
     more = f"; and {len(entries) - 5} more" if len(entries) > 5 else ""
-    return (f"Skipped {len(entries)} bad example file(s) (data.on_bad_example=skip): "
-            f"{shown}{more}")
+    return f"Skipped {len(entries)} bad example file(s) (data.on_bad_example=skip): {shown}{more}"
 
   def __repr__(self) -> str:
     return "SkippedLog()"
 
 
-def check_entries_exist(root: str, entries: Sequence[Entry], *, on_bad_example: str,
-                        skipped: SkippedLog | None) -> list[Entry]:
+def check_entries_exist(
+  root: str, entries: Sequence[Entry], *, on_bad_example: str, skipped: SkippedLog | None
+) -> list[Entry]:
   """The entries whose files exist; a missing file stops (DataError) or is skipped."""
   kept = []
   for entry in entries:
-    missing = [p for p in (entry.image, entry.mask)
-               if p is not None and not os.path.isfile(os.path.join(root, p))]
+    missing = [
+      p
+      for p in (entry.image, entry.mask)
+      if p is not None and not os.path.isfile(os.path.join(root, p))
+    ]
     if not missing:
       kept.append(entry)
       continue
@@ -123,11 +129,15 @@ def check_entries_exist(root: str, entries: Sequence[Entry], *, on_bad_example: 
     if on_bad_example == "skip":
       skipped.record(os.path.join(root, missing[0]), "missing file")
       continue
-    raise DataError(f"{message} Check data.root and the split file, or set "
-                    "--config.data.on_bad_example=skip to leave such lines out.")
+    raise DataError(
+      f"{message} Check data.root and the split file, or set "
+      "--config.data.on_bad_example=skip to leave such lines out."
+    )
   if entries and not kept:
-    raise DataError(f"None of the {len(entries)} listed files exist under {root}; check "
-                    "data.root and the split files.")
+    raise DataError(
+      f"None of the {len(entries)} listed files exist under {root}; check "
+      "data.root and the split files."
+    )
   return kept
 
 
@@ -157,8 +167,9 @@ def colour_codes(colours: np.ndarray) -> np.ndarray:
   return (colours[..., 0] << 16) | (colours[..., 1] << 8) | colours[..., 2]
 
 
-def _map_colours(rgb: np.ndarray, path: str, colours: np.ndarray,
-                 ignore_colours: np.ndarray) -> np.ndarray:
+def _map_colours(
+  rgb: np.ndarray, path: str, colours: np.ndarray, ignore_colours: np.ndarray
+) -> np.ndarray:
   """RGB colour mask -> class indices through the palette (colour i = class i)."""
   codes, inverse = np.unique(colour_codes(rgb[..., :3]), return_inverse=True)
   lookup = {int(c): i for i, c in enumerate(colour_codes(colours))}
@@ -167,8 +178,8 @@ def _map_colours(rgb: np.ndarray, path: str, colours: np.ndarray,
   if unknown:
     shown = [((c >> 16) & 255, (c >> 8) & 255, c & 255) for c in unknown[:5]]
     raise DataError(
-        f"Mask {path} has colours {shown} that are not in the palette of classes.json. "
-        f"{_WHAT_TO_DO}")
+      f"Mask {path} has colours {shown} that are not in the palette of classes.json. {_WHAT_TO_DO}"
+    )
   mapped = np.asarray([lookup[int(c)] for c in codes], np.uint8)
   return mapped[inverse.reshape(rgb.shape[:2])]
 
@@ -190,11 +201,19 @@ class PairSource:
     skipped: where skips are recorded (required for "skip").
   """
 
-  def __init__(self, root: str, entries: Sequence[Entry], *, num_classes: int, name: str,
-               label_tables: Sequence[tuple[str, np.ndarray]] = (),
-               colours: np.ndarray | None = None,
-               ignore_colours: np.ndarray | None = None,
-               on_bad_example: str = "stop", skipped: SkippedLog | None = None):
+  def __init__(
+    self,
+    root: str,
+    entries: Sequence[Entry],
+    *,
+    num_classes: int,
+    name: str,
+    label_tables: Sequence[tuple[str, np.ndarray]] = (),
+    colours: np.ndarray | None = None,
+    ignore_colours: np.ndarray | None = None,
+    on_bad_example: str = "stop",
+    skipped: SkippedLog | None = None,
+  ):
     if on_bad_example not in ON_BAD_EXAMPLE:
       raise ValueError(f"on_bad_example must be one of {ON_BAD_EXAMPLE}, got {on_bad_example!r}")
     if on_bad_example == "skip" and skipped is None:
@@ -208,8 +227,11 @@ class PairSource:
     self._label_tables = tuple((suffix, np.asarray(t, np.int16)) for suffix, t in label_tables)
     self._default_table = index_table(self._num_classes)
     self._colours = None if colours is None else np.asarray(colours, np.int64)
-    self._ignore_colours = (np.zeros((0, 3), np.int64) if ignore_colours is None
-                            else np.asarray(ignore_colours, np.int64).reshape(-1, 3))
+    self._ignore_colours = (
+      np.zeros((0, 3), np.int64)
+      if ignore_colours is None
+      else np.asarray(ignore_colours, np.int64).reshape(-1, 3)
+    )
     self._on_bad_example = on_bad_example
     self._skipped = skipped
     self._warned = set()
@@ -269,9 +291,10 @@ class PairSource:
     if raw.ndim == 3:
       if self._colours is None or raw.shape[-1] not in (3, 4):
         raise DataError(
-            f"Mask {path} is a colour image (mode {mode}); expected a single-channel PNG "
-            "of class indices (mode L or P). For colour masks, give the class colours as "
-            f"'palette' in classes.json (folder dataset). {_WHAT_TO_DO}")
+          f"Mask {path} is a colour image (mode {mode}); expected a single-channel PNG "
+          "of class indices (mode L or P). For colour masks, give the class colours as "
+          f"'palette' in classes.json (folder dataset). {_WHAT_TO_DO}"
+        )
       return _map_colours(raw, path, self._colours, self._ignore_colours)
     if raw.dtype != np.uint8:
       # 16/32-bit PNGs: values above 255 cannot be class indices.
@@ -284,9 +307,10 @@ class PairSource:
       bad = np.unique(raw[mapped < 0])[:8].tolist()
       valid = np.flatnonzero(table >= 0)
       raise DataError(
-          f"Mask {path} has label values {bad} outside the valid ones "
-          f"({_ranges(valid)}; 255 = ignore) for the {self._num_classes} classes of "
-          f"{self._name}. {_WHAT_TO_DO}")
+        f"Mask {path} has label values {bad} outside the valid ones "
+        f"({_ranges(valid)}; 255 = ignore) for the {self._num_classes} classes of "
+        f"{self._name}. {_WHAT_TO_DO}"
+      )
     return mapped.astype(np.uint8)
 
   def _read(self, index: int) -> dict[str, np.ndarray]:
@@ -298,8 +322,9 @@ class PairSource:
       mask = self.decode_mask(mask_path)
       if mask.shape != example["image"].shape[:2]:
         raise DataError(
-            f"Mask {mask_path} is {mask.shape[0]}x{mask.shape[1]} but its image {image_path} "
-            f"is {example['image'].shape[0]}x{example['image'].shape[1]}. {_WHAT_TO_DO}")
+          f"Mask {mask_path} is {mask.shape[0]}x{mask.shape[1]} but its image {image_path} "
+          f"is {example['image'].shape[0]}x{example['image'].shape[1]}. {_WHAT_TO_DO}"
+        )
       example["mask"] = mask
     return example
 
@@ -318,8 +343,10 @@ class PairSource:
         if path not in self._warned:
           self._warned.add(path)
           logging.warning("Skipping a bad example (data.on_bad_example=skip): %s", reason)
-    raise DataError(f"Every example of the {self._name} dataset under {self._root} is bad; "
-                    "see the messages above.")
+    raise DataError(
+      f"Every example of the {self._name} dataset under {self._root} is bad; "
+      "see the messages above."
+    )
 
   def __getstate__(self):
     state = dict(self.__dict__)
@@ -330,9 +357,12 @@ class PairSource:
     # No root (it may move between resumed runs) and no on_bad_example (it may be changed to
     # get past a bad file): only what decides the content of example i.
     digest = hashlib.sha1(
-        "\n".join(f"{e.image}\t{e.mask}" for e in self._entries).encode()).hexdigest()[:16]
-    return (f"PairSource(name={self._name!r}, num_examples={len(self._entries)}, "
-            f"num_classes={self._num_classes}, entries_sha1={digest})")
+      "\n".join(f"{e.image}\t{e.mask}" for e in self._entries).encode()
+    ).hexdigest()[:16]
+    return (
+      f"PairSource(name={self._name!r}, num_examples={len(self._entries)}, "
+      f"num_classes={self._num_classes}, entries_sha1={digest})"
+    )
 
 
 def _ranges(values: np.ndarray) -> str:
@@ -386,9 +416,10 @@ class Layout:
 
   def layout_error(self, problem: str) -> DataError:
     return DataError(
-        f"{problem} The dataset root {self.root!r} should be a {self.name} dataset laid out "
-        f"like this:\n{self.expected_tree.rstrip()}\nSet --config.data.root=DIR (--root=DIR "
-        "for the prepare and splits commands) to that directory.")
+      f"{problem} The dataset root {self.root!r} should be a {self.name} dataset laid out "
+      f"like this:\n{self.expected_tree.rstrip()}\nSet --config.data.root=DIR (--root=DIR "
+      "for the prepare and splits commands) to that directory."
+    )
 
   def require_dir(self, *parts: str) -> str:
     path = os.path.join(self.root, *parts)
@@ -410,9 +441,21 @@ class Layout:
     """An entry from a split-file line (see splits.read_split_file)."""
     raise NotImplementedError
 
-  def source(self, entries: Sequence[Entry], *, on_bad_example: str = "stop",
-             skipped: SkippedLog | None = None) -> PairSource:
-    return PairSource(self.root, entries, num_classes=len(self.class_names), name=self.name,
-                      label_tables=self.label_tables, colours=self.colours,
-                      ignore_colours=self.ignore_colours, on_bad_example=on_bad_example,
-                      skipped=skipped)
+  def source(
+    self,
+    entries: Sequence[Entry],
+    *,
+    on_bad_example: str = "stop",
+    skipped: SkippedLog | None = None,
+  ) -> PairSource:
+    return PairSource(
+      self.root,
+      entries,
+      num_classes=len(self.class_names),
+      name=self.name,
+      label_tables=self.label_tables,
+      colours=self.colours,
+      ignore_colours=self.ignore_colours,
+      on_bad_example=on_bad_example,
+      skipped=skipped,
+    )

@@ -52,9 +52,10 @@ def read_classes(path: str) -> dict:
     with open(path, encoding="utf-8") as f:
       spec = json.load(f)
   except FileNotFoundError:
-    raise DataError(f"{path} does not exist. The folder dataset needs it: "
-                    '{"classes": ["background", "cat", ...]} (see README, "Real datasets").'
-                    ) from None
+    raise DataError(
+      f"{path} does not exist. The folder dataset needs it: "
+      '{"classes": ["background", "cat", ...]} (see README, "Real datasets").'
+    ) from None
   except (OSError, json.JSONDecodeError) as e:
     raise DataError(f"Cannot read {path} as JSON ({e}).") from None
 
@@ -65,19 +66,30 @@ def read_classes(path: str) -> dict:
     fail('expected an object like {"classes": ["background", "cat", ...]}.')
   unknown = set(spec) - {"classes", "palette", "ignore_colour", "background_classes"}
   if unknown:
-    fail(f"unknown keys {sorted(unknown)}; expected classes, palette, ignore_colour, "
-         "background_classes.")
+    fail(
+      f"unknown keys {sorted(unknown)}; expected classes, palette, ignore_colour, "
+      "background_classes."
+    )
   names = spec.get("classes")
-  if (not isinstance(names, list) or not names or len(names) > 255
-      or not all(isinstance(n, str) and n for n in names)):
+  if (
+    not isinstance(names, list)
+    or not names
+    or len(names) > 255
+    or not all(isinstance(n, str) and n for n in names)
+  ):
     fail('"classes" must be a list of 1 to 255 non-empty class names.')
   if len(set(names)) != len(names):
     fail('"classes" has repeated names.')
 
   def colour_list(key, value, count=None):
     array = np.asarray(value)
-    if (array.ndim != 2 or array.shape[1] != 3 or array.dtype.kind not in "iu"
-        or array.min(initial=0) < 0 or array.max(initial=0) > 255):
+    if (
+      array.ndim != 2
+      or array.shape[1] != 3
+      or array.dtype.kind not in "iu"
+      or array.min(initial=0) < 0
+      or array.max(initial=0) > 255
+    ):
       fail(f'"{key}" must be a list of [r, g, b] integer triples in 0..255.')
     if count is not None and len(array) != count:
       fail(f'"{key}" has {len(array)} colours for {count} classes.')
@@ -90,19 +102,26 @@ def read_classes(path: str) -> dict:
   if "ignore_colour" in spec:
     ignore = colour_list("ignore_colour", [spec["ignore_colour"]])
   background = spec.get("background_classes", [0])
-  if (not isinstance(background, list) or
-      not all(isinstance(c, int) and 0 <= c < len(names) for c in background)):
+  if not isinstance(background, list) or not all(
+    isinstance(c, int) and 0 <= c < len(names) for c in background
+  ):
     fail(f'"background_classes" must be a list of class indices in 0..{len(names) - 1}.')
-  return {"classes": tuple(names), "palette": palette, "ignore_colour": ignore,
-          "background_classes": tuple(background)}
+  return {
+    "classes": tuple(names),
+    "palette": palette,
+    "ignore_colour": ignore,
+    "background_classes": tuple(background),
+  }
 
 
 class FolderLayout(files.Layout):
   name = "folder"
   expected_tree = EXPECTED_TREE
-  split_help = ("The folder dataset has no published splits: give your own files with "
-                "--config.data.labelled_list / --config.data.unlabelled_list (python -m "
-                "s4jax.data.splits --dataset=folder ... writes seeded ones).")
+  split_help = (
+    "The folder dataset has no published splits: give your own files with "
+    "--config.data.labelled_list / --config.data.unlabelled_list (python -m "
+    "s4jax.data.splits --dataset=folder ... writes seeded ones)."
+  )
 
   def __init__(self, root: str, check: bool = True):
     super().__init__(root, check)
@@ -122,9 +141,11 @@ class FolderLayout(files.Layout):
     for relative in files.list_images(image_dir):
       mask = self._mask_for(os.path.join("images", split, relative))
       if mask is None and masks_required:
-        raise DataError(f"Validation image {os.path.join(image_dir, relative)} has no mask "
-                        f"{os.path.join(self.root, 'masks', split, files.stem(relative))}.png;"
-                        " every validation image needs one.")
+        raise DataError(
+          f"Validation image {os.path.join(image_dir, relative)} has no mask "
+          f"{os.path.join(self.root, 'masks', split, files.stem(relative))}.png;"
+          " every validation image needs one."
+        )
       entries.append(files.Entry(os.path.join("images", split, relative), mask))
     if not entries:
       raise self.layout_error(f"{image_dir} holds no images.")

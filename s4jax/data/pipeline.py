@@ -45,12 +45,9 @@ _READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)
 
 
 class _RandomAccessSource(Protocol):
+  def __len__(self) -> int: ...
 
-  def __len__(self) -> int:
-    ...
-
-  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    ...
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]: ...
 
 
 def labelled_subset(num_examples: int, fraction: float, seed: int) -> np.ndarray:
@@ -65,9 +62,7 @@ def labelled_subset(num_examples: int, fraction: float, seed: int) -> np.ndarray
     int64 array of distinct indices in [0, n), ascending.
   """
   if not 0.0 < fraction <= 1.0:
-    raise ValueError(
-        f"data.labelled_fraction must be in (0, 1], got {fraction}."
-    )
+    raise ValueError(f"data.labelled_fraction must be in (0, 1], got {fraction}.")
   if num_examples <= 0:
     raise ValueError(f"num_examples must be positive, got {num_examples}.")
   count = max(1, round(num_examples * fraction))
@@ -76,15 +71,12 @@ def labelled_subset(num_examples: int, fraction: float, seed: int) -> np.ndarray
   return np.sort(chosen).astype(np.int64)
 
 
-def unlabelled_complement(
-    num_examples: int, labelled: Sequence[int] | np.ndarray
-) -> np.ndarray:
+def unlabelled_complement(num_examples: int, labelled: Sequence[int] | np.ndarray) -> np.ndarray:
   """Sorted indices in [0, num_examples) that are not in `labelled`."""
   labelled = np.asarray(labelled, dtype=np.int64)
   if labelled.size and (labelled.min() < 0 or labelled.max() >= num_examples):
     raise ValueError(
-        f"labelled indices must lie in [0, {num_examples}), got"
-        f" [{labelled.min()}, {labelled.max()}]."
+      f"labelled indices must lie in [0, {num_examples}), got [{labelled.min()}, {labelled.max()}]."
     )
   return np.setdiff1d(np.arange(num_examples, dtype=np.int64), labelled)
 
@@ -96,15 +88,9 @@ class SubsetSource:
     self._source = source
     self._indices = np.asarray(indices, dtype=np.int64)
     if self._indices.ndim != 1:
-      raise ValueError(
-          f"indices must be one-dimensional, got shape {self._indices.shape}."
-      )
-    if self._indices.size and (
-        self._indices.min() < 0 or self._indices.max() >= len(source)
-    ):
-      raise ValueError(
-          f"indices must lie in [0, {len(source)}) for source {source!r}."
-      )
+      raise ValueError(f"indices must be one-dimensional, got shape {self._indices.shape}.")
+    if self._indices.size and (self._indices.min() < 0 or self._indices.max() >= len(source)):
+      raise ValueError(f"indices must lie in [0, {len(source)}) for source {source!r}.")
 
   @property
   def indices(self) -> np.ndarray:
@@ -121,8 +107,8 @@ class SubsetSource:
     # subset for grain's state checks without growing with the dataset.
     digest = hashlib.sha1(self._indices.tobytes()).hexdigest()[:16]
     return (
-        f"SubsetSource(source={self._source!r},"
-        f" num_indices={len(self._indices)}, indices_sha1={digest})"
+      f"SubsetSource(source={self._source!r},"
+      f" num_indices={len(self._indices)}, indices_sha1={digest})"
     )
 
 
@@ -133,35 +119,33 @@ def _derived_seed(seed: int, kind: str, process_index: int, stream: int) -> int:
   epoch e with `shuffle_seed + e`, so adjacent raw seeds would replay each
   other's epochs.
   """
-  sequence = np.random.SeedSequence(
-      [seed, _KIND_IDS[kind], process_index, stream]
-  )
+  sequence = np.random.SeedSequence([seed, _KIND_IDS[kind], process_index, stream])
   return int(sequence.generate_state(1, dtype=np.uint32)[0])
 
 
 def _labelled_view(
-    example: dict[str, np.ndarray],
-    rng: np.random.Generator,
-    *,
-    crop_size: int,
-    scale_range: tuple[float, float],
+  example: dict[str, np.ndarray],
+  rng: np.random.Generator,
+  *,
+  crop_size: int,
+  scale_range: tuple[float, float],
 ) -> dict[str, np.ndarray]:
   image, mask = transforms.weak_labelled(
-      example["image"], example["mask"], crop_size, rng, scale_range
+    example["image"], example["mask"], crop_size, rng, scale_range
   )
   return {"image": image, "mask": mask}
 
 
 def _unlabelled_view(
-    example: dict[str, np.ndarray],
-    rng: np.random.Generator,
-    *,
-    crop_size: int,
-    scale_range: tuple[float, float],
+  example: dict[str, np.ndarray],
+  rng: np.random.Generator,
+  *,
+  crop_size: int,
+  scale_range: tuple[float, float],
 ) -> dict[str, np.ndarray]:
   hidden_mask = example.get("mask")
   outputs = transforms.weak_unlabelled(
-      example["image"], crop_size, rng, scale_range, mask=hidden_mask
+    example["image"], crop_size, rng, scale_range, mask=hidden_mask
   )
   if hidden_mask is None:
     image, valid = outputs
@@ -174,23 +158,21 @@ def _check_process(process_index: int, process_count: int) -> None:
   if process_count < 1:
     raise ValueError(f"process_count must be >= 1, got {process_count}.")
   if not 0 <= process_index < process_count:
-    raise ValueError(
-        f"process_index must be in [0, {process_count}), got {process_index}."
-    )
+    raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}.")
 
 
 def make_train_iterator(
-    source: _RandomAccessSource,
-    indices: Sequence[int] | np.ndarray,
-    *,
-    batch_size: int,
-    crop_size: int,
-    seed: int,
-    kind: str,
-    scale_range: tuple[float, float] = (0.5, 2.0),
-    process_index: int = 0,
-    process_count: int = 1,
-    num_workers: int = 0,
+  source: _RandomAccessSource,
+  indices: Sequence[int] | np.ndarray,
+  *,
+  batch_size: int,
+  crop_size: int,
+  seed: int,
+  kind: str,
+  scale_range: tuple[float, float] = (0.5, 2.0),
+  process_index: int = 0,
+  process_count: int = 1,
+  num_workers: int = 0,
 ) -> grain.DatasetIterator:
   """An infinite, checkpointable iterator of weak-view training batches.
 
@@ -228,33 +210,33 @@ def make_train_iterator(
   shard = np.asarray(indices, dtype=np.int64)[process_index::process_count]
   if shard.size == 0:
     raise ValueError(
-        f"process {process_index} of {process_count} got no {kind} examples"
-        f" (only {len(indices)} indices); use fewer processes or more data."
+      f"process {process_index} of {process_count} got no {kind} examples"
+      f" (only {len(indices)} indices); use fewer processes or more data."
     )
 
   view_fn = _labelled_view if kind == "labelled" else _unlabelled_view
   view_fn = functools.partial(
-      view_fn,
-      crop_size=int(crop_size),
-      scale_range=tuple(float(s) for s in scale_range),
+    view_fn,
+    crop_size=int(crop_size),
+    scale_range=tuple(float(s) for s in scale_range),
   )
   dataset = (
-      grain.MapDataset.source(SubsetSource(source, shard))
-      # Shuffle before repeat: grain reseeds the shuffle per epoch, so every
-      # epoch is a fresh permutation and epochs never mix.
-      .shuffle(seed=_derived_seed(seed, kind, process_index, _SHUFFLE_STREAM))
-      .repeat()
-      .random_map(
-          view_fn,
-          seed=_derived_seed(seed, kind, process_index, _TRANSFORM_STREAM),
-      )
-      .batch(int(batch_size), drop_remainder=True)
+    grain.MapDataset.source(SubsetSource(source, shard))
+    # Shuffle before repeat: grain reseeds the shuffle per epoch, so every
+    # epoch is a fresh permutation and epochs never mix.
+    .shuffle(seed=_derived_seed(seed, kind, process_index, _SHUFFLE_STREAM))
+    .repeat()
+    .random_map(
+      view_fn,
+      seed=_derived_seed(seed, kind, process_index, _TRANSFORM_STREAM),
+    )
+    .batch(int(batch_size), drop_remainder=True)
   )
   iter_dataset = dataset.to_iter_dataset(_READ_OPTIONS)
   if num_workers > 0:
     iter_dataset = iter_dataset.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=int(num_workers)),
-        worker_init_fn=_ignore_stop_signals,
+      grain.MultiprocessingOptions(num_workers=int(num_workers)),
+      worker_init_fn=_ignore_stop_signals,
     )
   return iter(iter_dataset)
 
@@ -272,9 +254,7 @@ def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
   if num_examples <= 0:
     raise ValueError(f"num_examples must be positive, got {num_examples}.")
   if global_batch_size <= 0:
-    raise ValueError(
-        f"global_batch_size must be positive, got {global_batch_size}."
-    )
+    raise ValueError(f"global_batch_size must be positive, got {global_batch_size}.")
   return math.ceil(num_examples / global_batch_size)
 
 
@@ -296,22 +276,20 @@ class EvalBatches:
   """
 
   def __init__(
-      self,
-      source: _RandomAccessSource,
-      *,
-      global_batch_size: int,
-      process_index: int = 0,
-      process_count: int = 1,
+    self,
+    source: _RandomAccessSource,
+    *,
+    global_batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
   ):
     _check_process(process_index, process_count)
     if global_batch_size <= 0:
-      raise ValueError(
-          f"global_batch_size must be positive, got {global_batch_size}."
-      )
+      raise ValueError(f"global_batch_size must be positive, got {global_batch_size}.")
     if global_batch_size % process_count:
       raise ValueError(
-          f"global_batch_size ({global_batch_size}) must be divisible by"
-          f" process_count ({process_count})."
+        f"global_batch_size ({global_batch_size}) must be divisible by"
+        f" process_count ({process_count})."
       )
     self._source = source
     self._global_batch_size = int(global_batch_size)
@@ -329,8 +307,11 @@ class EvalBatches:
       for index in range(len(self._source)):
         groups.setdefault(self._image_hw(index), []).append(index)
       g = self._global_batch_size
-      self._batches = [(h, w, members[i:i + g]) for (h, w), members in groups.items()
-                       for i in range(0, len(members), g)]
+      self._batches = [
+        (h, w, members[i : i + g])
+        for (h, w), members in groups.items()
+        for i in range(0, len(members), g)
+      ]
     return self._batches
 
   @property
@@ -350,11 +331,13 @@ class EvalBatches:
   def _local_batch(self, batch_index: int) -> dict[str, np.ndarray]:
     height, width, members = self._plan()[batch_index]
     first = self._process_index * self._local_batch_size
-    local = members[first:first + self._local_batch_size]
-    images = np.full((self._local_batch_size, height, width, 3), transforms.IMAGE_PAD_VALUE,
-                     dtype=np.uint8)
-    masks = np.full((self._local_batch_size, height, width), transforms.IGNORE_INDEX,
-                    dtype=np.uint8)
+    local = members[first : first + self._local_batch_size]
+    images = np.full(
+      (self._local_batch_size, height, width, 3), transforms.IMAGE_PAD_VALUE, dtype=np.uint8
+    )
+    masks = np.full(
+      (self._local_batch_size, height, width), transforms.IGNORE_INDEX, dtype=np.uint8
+    )
     for row, index in enumerate(local):
       example = self._source[index]
       h, w = example["image"].shape[:2]
@@ -362,8 +345,9 @@ class EvalBatches:
         continue  # a bad file skipped by the source (data.on_bad_example=skip): no score
       if (h, w) != (height, width):
         raise DataError(
-            f"{_describe(self._source, index)} decodes to {h}x{w}, but its file header "
-            f"says {height}x{width}; re-save the file (or set data.on_bad_example=skip).")
+          f"{_describe(self._source, index)} decodes to {h}x{w}, but its file header "
+          f"says {height}x{width}; re-save the file (or set data.on_bad_example=skip)."
+        )
       images[row] = example["image"]
       masks[row] = example["mask"]
     return {"image": images, "mask": masks}
@@ -375,10 +359,10 @@ class EvalBatches:
 
   def __repr__(self) -> str:
     return (
-        f"EvalBatches(source={self._source!r},"
-        f" global_batch_size={self._global_batch_size},"
-        f" local_batch_size={self._local_batch_size},"
-        f" process_index={self._process_index})"
+      f"EvalBatches(source={self._source!r},"
+      f" global_batch_size={self._global_batch_size},"
+      f" local_batch_size={self._local_batch_size},"
+      f" process_index={self._process_index})"
     )
 
 
@@ -392,11 +376,11 @@ def _describe(source, index: int) -> str:
 
 
 def make_eval_batches(
-    source: _RandomAccessSource,
-    *,
-    global_batch_size: int,
-    process_index: int = 0,
-    process_count: int = 1,
+  source: _RandomAccessSource,
+  *,
+  global_batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
 ) -> EvalBatches:
   """A re-iterable of this process's rows of each global evaluation batch.
 
@@ -404,8 +388,8 @@ def make_eval_batches(
   H, W]} with `b = global_batch_size // process_count`, every image at its own size.
   """
   return EvalBatches(
-      source,
-      global_batch_size=global_batch_size,
-      process_index=process_index,
-      process_count=process_count,
+    source,
+    global_batch_size=global_batch_size,
+    process_index=process_index,
+    process_count=process_count,
   )

@@ -14,21 +14,27 @@ from s4jax.errors import DataError
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m s4jax.data.prepare", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="python -m s4jax.data.prepare",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   parser.add_argument("--dataset", required=True, choices=("voc", "cityscapes"))
   parser.add_argument("--root", required=True, help="the manual download (dataset root)")
   parser.add_argument("--out", required=True, help="TFDS data directory to write")
   args = parser.parse_args(argv)
   # Imported here: TFDS takes a second to import, and --help should not wait for it.
   from s4jax.data import tfds_builders  # pylint: disable=import-outside-toplevel
+
   try:
     counts = tfds_builders.prepare(args.dataset, args.root, args.out)
   except DataError as e:
     print(f"s4jax: error: {e}", file=sys.stderr)
     return 2
-  print(f"prepared {args.dataset} in {args.out}: "
-        + ", ".join(f"{split} {count}" for split, count in counts.items()))
+  print(
+    f"prepared {args.dataset} in {args.out}: "
+    + ", ".join(f"{split} {count}" for split, count in counts.items())
+  )
   return 0
 
 

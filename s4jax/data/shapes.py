@@ -29,12 +29,12 @@ from PIL import Image
 from PIL import ImageDraw
 
 CLASS_NAMES: tuple[str, ...] = (
-    "background",
-    "ellipse",
-    "rectangle",
-    "triangle",
-    "star",
-    "ring",
+  "background",
+  "ellipse",
+  "rectangle",
+  "triangle",
+  "star",
+  "ring",
 )
 NUM_CLASSES = len(CLASS_NAMES)
 
@@ -74,15 +74,16 @@ class Style:
     low, high = self.objects
     if not (isinstance(low, int) and isinstance(high, int) and 1 <= low <= high):
       raise ValueError(
-          f"Style.objects must be (min, max) integers with 1 <= min <= max, got {self.objects}.")
+        f"Style.objects must be (min, max) integers with 1 <= min <= max, got {self.objects}."
+      )
     low, high = self.radius
     if not 0.0 < low <= high <= 0.5:
       raise ValueError(
-          f"Style.radius must be (min, max) fractions of the image side with "
-          f"0 < min <= max <= 0.5, got {self.radius}.")
+        f"Style.radius must be (min, max) fractions of the image side with "
+        f"0 < min <= max <= 0.5, got {self.radius}."
+      )
     if not 0.0 <= self.max_rotation <= 180.0:
-      raise ValueError(
-          f"Style.max_rotation must be in [0, 180] degrees, got {self.max_rotation}.")
+      raise ValueError(f"Style.max_rotation must be in [0, 180] degrees, got {self.max_rotation}.")
 
 
 class _IndexOutOfRangeError(IndexError, ValueError):
@@ -108,8 +109,9 @@ def _random_colour(rng: np.random.Generator) -> np.ndarray:
   p = value * (1.0 - saturation)
   q = value * (1.0 - saturation * frac)
   t = value * (1.0 - saturation * (1.0 - frac))
-  rgb = [(value, t, p), (q, value, p), (p, value, t), (p, q, value), (t, p, value),
-         (value, p, q)][sector]
+  rgb = [(value, t, p), (q, value, p), (p, value, t), (p, q, value), (t, p, value), (value, p, q)][
+    sector
+  ]
   return np.asarray(rgb, dtype=np.float64)
 
 
@@ -118,24 +120,18 @@ def _background_colour(rng: np.random.Generator) -> np.ndarray:
   return np.clip(rng.uniform(40.0, 200.0) + rng.uniform(-30.0, 30.0, size=3), 0.0, 255.0)
 
 
-def _smooth_noise(
-    rng: np.random.Generator, size: int, grid: int, channels: int
-) -> np.ndarray:
+def _smooth_noise(rng: np.random.Generator, size: int, grid: int, channels: int) -> np.ndarray:
   """Low-frequency noise in [0, 1]: a coarse random grid, bilinearly upsampled."""
   coarse = rng.integers(0, 256, size=(grid, grid, channels), dtype=np.uint8)
   mode = "RGB" if channels == 3 else "L"
   if channels == 1:
     coarse = coarse[..., 0]
-  upsampled = Image.fromarray(coarse, mode=mode).resize(
-      (size, size), Image.BILINEAR
-  )
+  upsampled = Image.fromarray(coarse, mode=mode).resize((size, size), Image.BILINEAR)
   out = np.asarray(upsampled, dtype=np.float32) / 255.0
   return out if channels == 3 else out[..., None]
 
 
-def _linear_ramp(
-    rng: np.random.Generator, ys: np.ndarray, xs: np.ndarray
-) -> np.ndarray:
+def _linear_ramp(rng: np.random.Generator, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
   """A ramp from 0 to 1 across the image along a random direction."""
   angle = rng.uniform(0.0, 2.0 * np.pi)
   ramp = np.cos(angle) * xs + np.sin(angle) * ys
@@ -144,7 +140,7 @@ def _linear_ramp(
 
 
 def _periodic_pattern(
-    rng: np.random.Generator, ys: np.ndarray, xs: np.ndarray, size: int
+  rng: np.random.Generator, ys: np.ndarray, xs: np.ndarray, size: int
 ) -> np.ndarray:
   """Stripes or a (rotated) checkerboard, as a {0, 1} float map."""
   angle = rng.uniform(0.0, np.pi)
@@ -158,7 +154,7 @@ def _periodic_pattern(
 
 
 def _draw_background(
-    rng: np.random.Generator, size: int, ys: np.ndarray, xs: np.ndarray, clutter: bool
+  rng: np.random.Generator, size: int, ys: np.ndarray, xs: np.ndarray, clutter: bool
 ) -> np.ndarray:
   """Float RGB background: gradient, and with clutter pattern, blotches, distractors."""
   colour_a = _background_colour(rng)
@@ -182,18 +178,16 @@ def _draw_background(
   return _draw_distractors(rng, image, size).astype(np.float32)
 
 
-def _draw_distractors(
-    rng: np.random.Generator, image: np.ndarray, size: int
-) -> np.ndarray:
+def _draw_distractors(rng: np.random.Generator, image: np.ndarray, size: int) -> np.ndarray:
   """Unlabelled strokes and irregular blobs on the background."""
   canvas = Image.fromarray(image)
   draw = ImageDraw.Draw(canvas)
   for _ in range(int(rng.integers(0, 4))):
     points = rng.uniform(0.0, size, size=(int(rng.integers(2, 5)), 2))
     draw.line(
-        [tuple(p) for p in points],
-        fill=tuple(int(c) for c in _background_colour(rng)),
-        width=int(rng.integers(1, 3)),
+      [tuple(p) for p in points],
+      fill=tuple(int(c) for c in _background_colour(rng)),
+      width=int(rng.integers(1, 3)),
     )
   for _ in range(int(rng.integers(0, 3))):
     # A jagged polygon with random radii per vertex does not resemble any of
@@ -202,9 +196,7 @@ def _draw_distractors(
     angles = np.sort(rng.uniform(0.0, 2.0 * np.pi, size=num_vertices))
     radii = rng.uniform(0.03, 0.12, size=num_vertices) * size
     centre = rng.uniform(0.0, size, size=2)
-    points = centre + radii[:, None] * np.stack(
-        [np.cos(angles), np.sin(angles)], axis=1
-    )
+    points = centre + radii[:, None] * np.stack([np.cos(angles), np.sin(angles)], axis=1)
     # Mostly background-like clutter; one blob in four is as vivid as an object.
     colour = _random_colour(rng) if rng.random() < 0.25 else _background_colour(rng)
     draw.polygon([tuple(p) for p in points], fill=tuple(int(c) for c in colour))
@@ -222,7 +214,7 @@ def _ellipse_outline(radius_x: float, radius_y: float) -> np.ndarray:
 
 
 def _shape_outlines(
-    class_name: str, radius: float, rng: np.random.Generator
+  class_name: str, radius: float, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray | None]:
   """Outer outline (and hole outline, for rings) centred at the origin."""
   hole = None
@@ -230,10 +222,7 @@ def _shape_outlines(
     outline = _ellipse_outline(radius, radius * rng.uniform(0.55, 1.0))
   elif class_name == "rectangle":
     half_w, half_h = radius * 0.85, radius * 0.85 * rng.uniform(0.45, 1.0)
-    outline = np.array(
-        [[-half_w, -half_h], [half_w, -half_h], [half_w, half_h],
-         [-half_w, half_h]]
-    )
+    outline = np.array([[-half_w, -half_h], [half_w, -half_h], [half_w, half_h], [-half_w, half_h]])
   elif class_name == "triangle":
     # Jittered vertex angles give non-equilateral triangles.
     angles = np.array([0.0, 2.0, 4.0]) * np.pi / 3.0
@@ -244,9 +233,9 @@ def _shape_outlines(
     num_points = int(rng.integers(5, 7))
     angles = np.arange(2 * num_points) * np.pi / num_points
     radii = np.where(
-        np.arange(2 * num_points) % 2 == 0,
-        radius * 1.1,
-        radius * 1.1 * rng.uniform(0.38, 0.55),
+      np.arange(2 * num_points) % 2 == 0,
+      radius * 1.1,
+      radius * 1.1 * rng.uniform(0.38, 0.55),
     )
     outline = radii[:, None] * np.stack([np.cos(angles), np.sin(angles)], 1)
   elif class_name == "ring":
@@ -259,9 +248,7 @@ def _shape_outlines(
   return outline, hole
 
 
-def _rasterise(
-    outline: np.ndarray, hole: np.ndarray | None, size: int
-) -> np.ndarray:
+def _rasterise(outline: np.ndarray, hole: np.ndarray | None, size: int) -> np.ndarray:
   """Boolean HxW mask of a polygon (minus an optional hole)."""
   canvas = Image.new("L", (size, size), 0)
   draw = ImageDraw.Draw(canvas)
@@ -272,7 +259,7 @@ def _rasterise(
 
 
 def _object_appearance(
-    rng: np.random.Generator, ys: np.ndarray, xs: np.ndarray, size: int, textures: bool
+  rng: np.random.Generator, ys: np.ndarray, xs: np.ndarray, size: int, textures: bool
 ) -> np.ndarray:
   """Float RGB fill for one object: shaded flat colour, or (textures) stripes or speckles."""
   colour = _random_colour(rng)
@@ -291,7 +278,7 @@ def _object_appearance(
 
 
 def draw_example(
-    rng: np.random.Generator, image_size: int, style: Style = Style()
+  rng: np.random.Generator, image_size: int, style: Style = Style()
 ) -> tuple[np.ndarray, np.ndarray]:
   """Draws one (image uint8[H, W, 3], mask uint8[H, W]) pair from `rng`."""
   ys, xs = np.mgrid[0:image_size, 0:image_size].astype(np.float32)
@@ -333,13 +320,15 @@ class ShapesSource:
   """
 
   def __init__(
-      self, split: str, num_examples: int, image_size: int = 96, seed: int = 0,
-      style: Style = Style(),
+    self,
+    split: str,
+    num_examples: int,
+    image_size: int = 96,
+    seed: int = 0,
+    style: Style = Style(),
   ):
     if split not in _SPLIT_IDS:
-      raise ValueError(
-          f"split must be one of {sorted(_SPLIT_IDS)}, got {split!r}."
-      )
+      raise ValueError(f"split must be one of {sorted(_SPLIT_IDS)}, got {split!r}.")
     if int(num_examples) <= 0:
       raise ValueError(f"num_examples must be positive, got {num_examples}.")
     if int(image_size) <= 0:
@@ -379,9 +368,7 @@ class ShapesSource:
   def _check_index(self, index) -> int:
     index = operator.index(index)
     if not 0 <= index < self._num_examples:
-      raise _IndexOutOfRangeError(
-          f"index must be in [0, {self._num_examples}), got {index}."
-      )
+      raise _IndexOutOfRangeError(f"index must be in [0, {self._num_examples}), got {index}.")
     return index
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
@@ -392,6 +379,6 @@ class ShapesSource:
 
   def __repr__(self) -> str:
     return (
-        f"ShapesSource(split={self._split!r}, num_examples={self._num_examples},"
-        f" image_size={self._image_size}, seed={self._seed}, style={self._style})"
+      f"ShapesSource(split={self._split!r}, num_examples={self._num_examples},"
+      f" image_size={self._image_size}, seed={self._seed}, style={self._style})"
     )

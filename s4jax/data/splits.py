@@ -41,8 +41,9 @@ def read_split_file(path: str) -> list[tuple[str, str | None, str]]:
         continue
       if len(columns) > 2:
         raise DataError(
-            f"{path}:{number} has {len(columns)} columns; expected 'image_path mask_path' or "
-            "one image path / id per line.")
+          f"{path}:{number} has {len(columns)} columns; expected 'image_path mask_path' or "
+          "one image path / id per line."
+        )
       rows.append((columns[0], columns[1] if len(columns) == 2 else None, f"{path}:{number}"))
   if not rows:
     raise DataError(f"Split file {path} lists no examples.")
@@ -65,8 +66,9 @@ def find_named(directory: str, names: Sequence[str]) -> str | None:
   return None
 
 
-def generate_split(num_examples: int, num_labelled: int, seed: int,
-                   class_presence: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def generate_split(
+  num_examples: int, num_labelled: int, seed: int, class_presence: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
   """Sorted (labelled, unlabelled) indices; a pure function of its arguments.
 
   Args:
@@ -84,8 +86,7 @@ def generate_split(num_examples: int, num_labelled: int, seed: int,
   else:
     presence = np.asarray(class_presence, bool)
     if presence.shape[0] != num_examples:
-      raise ValueError(f"class_presence has {presence.shape[0]} rows for {num_examples} "
-                       "examples.")
+      raise ValueError(f"class_presence has {presence.shape[0]} rows for {num_examples} examples.")
     labelled = _class_balanced(presence, num_labelled, rng)
   labelled = np.sort(np.asarray(labelled, np.int64))
   return labelled, np.setdiff1d(np.arange(num_examples, dtype=np.int64), labelled)
@@ -132,15 +133,19 @@ def main(argv=None) -> None:
   from s4jax.data import pipeline  # pylint: disable=import-outside-toplevel
 
   parser = argparse.ArgumentParser(
-      prog="python -m s4jax.data.splits",
-      description="Write labeled.txt / unlabeled.txt of a new seeded split of a dataset's "
-      "training set.")
+    prog="python -m s4jax.data.splits",
+    description="Write labeled.txt / unlabeled.txt of a new seeded split of a dataset's "
+    "training set.",
+  )
   parser.add_argument("--dataset", required=True, choices=("voc", "cityscapes", "folder"))
   parser.add_argument("--root", required=True)
   parser.add_argument("--num_labelled", type=int, required=True)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--class_balanced", action="store_true",
-                      help="balance classes among the labelled images (reads every mask)")
+  parser.add_argument(
+    "--class_balanced",
+    action="store_true",
+    help="balance classes among the labelled images (reads every mask)",
+  )
   parser.add_argument("--out", required=True, help="directory for labeled.txt / unlabeled.txt")
   args = parser.parse_args(argv)
   try:
@@ -161,8 +166,8 @@ def main(argv=None) -> None:
   pairs = [(e.image, e.mask) for e in source.entries]
   write_split_file(os.path.join(args.out, LABELLED_NAMES[0]), [pairs[i] for i in labelled])
   write_split_file(os.path.join(args.out, UNLABELLED_NAMES[0]), [pairs[i] for i in unlabelled])
-  print(f"wrote {len(labelled)} labelled and {len(unlabelled)} unlabelled examples to "
-        f"{args.out}")
+  print(f"wrote {len(labelled)} labelled and {len(unlabelled)} unlabelled examples to {args.out}")
+
 
 if __name__ == "__main__":
   main()

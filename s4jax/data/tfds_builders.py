@@ -36,13 +36,15 @@ SPLITS = ("train", "val")
 
 
 def _features():
-  return tfds.features.FeaturesDict({
+  return tfds.features.FeaturesDict(
+    {
       "image": tfds.features.Image(shape=(None, None, 3)),
       # One channel: TFDS's PNG encoding round-trips a (H, W, 1) uint8 mask exactly.
       "mask": tfds.features.Image(shape=(None, None, 1)),
       "image_path": tfds.features.Text(),
       "mask_path": tfds.features.Text(),
-  })
+    }
+  )
 
 
 def _png_bytes(mask: np.ndarray) -> bytes:
@@ -62,8 +64,11 @@ class _S4jaxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   url_infos = None
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=_features(),
-                                 description=f"{self.LAYOUT.name} for s4jax (images + masks)")
+    return tfds.core.DatasetInfo(
+      builder=self,
+      features=_features(),
+      description=f"{self.LAYOUT.name} for s4jax (images + masks)",
+    )
 
   def _split_generators(self, dl_manager):
     root = os.fspath(dl_manager.manual_dir)
@@ -80,30 +85,41 @@ class _S4jaxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     for index, entry in enumerate(entries):
       example = source[index]  # decodes and checks (DataError naming the file)
       if "mask" not in example:
-        raise DataError(f"{source.describe(index)} has no mask; the TFDS datasets hold "
-                        "labelled images only.")
+        raise DataError(
+          f"{source.describe(index)} has no mask; the TFDS datasets hold labelled images only."
+        )
       with open(os.path.join(layout.root, entry.image), "rb") as f:
         image_bytes = f.read()
-      yield entry.image, {"image": image_bytes, "mask": _png_bytes(example["mask"]),
-                          "image_path": entry.image, "mask_path": entry.mask}
+      yield (
+        entry.image,
+        {
+          "image": image_bytes,
+          "mask": _png_bytes(example["mask"]),
+          "image_path": entry.image,
+          "mask_path": entry.mask,
+        },
+      )
 
 
 class S4jaxVoc(_S4jaxBuilder):
   """PASCAL VOC 2012 + SBD augmented masks (TFDS name "s4jax_voc")."""
+
   LAYOUT = voc.VocLayout
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      "Download VOC 2012 (VOCtrainval_11-May-2012.tar) and the SBD augmented masks "
-      "(SegmentationClassAug) and pass the VOC2012 directory as --root. Layout:\n"
-      + voc.EXPECTED_TREE)
+    "Download VOC 2012 (VOCtrainval_11-May-2012.tar) and the SBD augmented masks "
+    "(SegmentationClassAug) and pass the VOC2012 directory as --root. Layout:\n" + voc.EXPECTED_TREE
+  )
 
 
 class S4jaxCityscapes(_S4jaxBuilder):
   """Cityscapes fine annotations, 19 train ids (TFDS name "s4jax_cityscapes")."""
+
   LAYOUT = cityscapes.CityscapesLayout
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      "Download leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from "
-      "https://www.cityscapes-dataset.com and pass their common directory as --root. "
-      "Layout:\n" + cityscapes.EXPECTED_TREE)
+    "Download leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from "
+    "https://www.cityscapes-dataset.com and pass their common directory as --root. "
+    "Layout:\n" + cityscapes.EXPECTED_TREE
+  )
 
 
 BUILDERS = {"voc": S4jaxVoc, "cityscapes": S4jaxCityscapes}
@@ -117,17 +133,20 @@ def prepare(name: str, root: str, tfds_dir: str) -> dict[str, int]:
   """Prepares dataset `name` from `root` into ArrayRecord under `tfds_dir` and writes the
   index. Returns the number of examples per split."""
   if name not in BUILDERS:
-    raise DataError(f"TFDS preparation exists for {sorted(BUILDERS)}, not {name!r}; read the "
-                    "folder dataset with data.source=folder.")
+    raise DataError(
+      f"TFDS preparation exists for {sorted(BUILDERS)}, not {name!r}; read the "
+      "folder dataset with data.source=folder."
+    )
   layout = BUILDERS[name].LAYOUT(root)  # a layout error now, before TFDS prints anything
   builder = BUILDERS[name](data_dir=tfds_dir, file_format="array_record")
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=root))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=root))
   index = {}
   for split in SPLITS:
     # Bytes only: no image is decoded to learn the record order and the sizes.
-    records = builder.as_data_source(split=split, decoders={
-        "image": tfds.decode.SkipDecoding(), "mask": tfds.decode.SkipDecoding()})
+    records = builder.as_data_source(
+      split=split,
+      decoders={"image": tfds.decode.SkipDecoding(), "mask": tfds.decode.SkipDecoding()},
+    )
     rows = []
     for i in range(len(records)):
       record = records[i]
@@ -153,22 +172,26 @@ class Catalogue:
 
   def __init__(self, tfds_dir: str, name: str):
     if name not in BUILDERS:
-      raise DataError(f"config.data.source='tfds' exists for {sorted(BUILDERS)}, not "
-                      f"{name!r}; use --config.data.source=folder.")
+      raise DataError(
+        f"config.data.source='tfds' exists for {sorted(BUILDERS)}, not "
+        f"{name!r}; use --config.data.source=folder."
+      )
     path = _index_path(tfds_dir, name)
     if not os.path.isfile(path):
       raise DataError(
-          f"{path} does not exist: {tfds_dir!r} holds no prepared {name} dataset. Prepare it "
-          f"with: python -m s4jax.data.prepare --dataset={name} --root=<dataset root> "
-          f"--out={tfds_dir}")
+        f"{path} does not exist: {tfds_dir!r} holds no prepared {name} dataset. Prepare it "
+        f"with: python -m s4jax.data.prepare --dataset={name} --root=<dataset root> "
+        f"--out={tfds_dir}"
+      )
     with open(path, encoding="utf-8") as f:
       self._index = json.load(f)["splits"]
     self.tfds_dir = tfds_dir
     self.name = name
     # image path -> (record index, height, width)
-    self._records = {split: {image: (record, height, width)
-                             for image, _, height, width, record in rows}
-                     for split, rows in self._index.items()}
+    self._records = {
+      split: {image: (record, height, width) for image, _, height, width, record in rows}
+      for split, rows in self._index.items()
+    }
 
   def entries(self, split: str) -> list[files.Entry]:
     """The split's examples in the dataset's standard order."""
@@ -180,13 +203,16 @@ class Catalogue:
       found = self._records[candidate_split].get(image)
       if found is not None:
         if candidate_split != split:
-          raise DataError(f"{entry.image} (listed at {entry.origin}) is in the prepared "
-                          f"{candidate_split} split, not {split}.")
+          raise DataError(
+            f"{entry.image} (listed at {entry.origin}) is in the prepared "
+            f"{candidate_split} split, not {split}."
+          )
         return found[0]
     raise DataError(
-        f"{entry.image} (listed at {entry.origin or split}) is not in the {self.name} "
-        f"dataset prepared in {self.tfds_dir}. Prepare again from a root that holds it, or "
-        "read the files directly with --config.data.source=folder.")
+      f"{entry.image} (listed at {entry.origin or split}) is not in the {self.name} "
+      f"dataset prepared in {self.tfds_dir}. Prepare again from a root that holds it, or "
+      "read the files directly with --config.data.source=folder."
+    )
 
   def hw(self, split: str, image: str) -> tuple[int, int]:
     _, height, width = self._records[split][image.replace(os.sep, "/")]
@@ -201,8 +227,9 @@ class TfdsSource:
   """A grain source over a prepared split, in the order of `entries` (same interface as
   files.PairSource). Entries without a mask yield no "mask"."""
 
-  def __init__(self, catalogue: Catalogue, split: str, entries: Sequence[files.Entry], *,
-               num_classes: int):
+  def __init__(
+    self, catalogue: Catalogue, split: str, entries: Sequence[files.Entry], *, num_classes: int
+  ):
     if not entries:
       raise DataError(f"No {split} examples for the prepared {catalogue.name} dataset.")
     self._catalogue = catalogue
@@ -241,5 +268,7 @@ class TfdsSource:
 
   def __repr__(self) -> str:
     digest = hashlib.sha1(self._records.tobytes() + self._keep_mask.tobytes()).hexdigest()[:16]
-    return (f"TfdsSource(name={self._catalogue.name!r}, split={self._split!r}, "
-            f"num_examples={len(self._records)}, records_sha1={digest})")
+    return (
+      f"TfdsSource(name={self._catalogue.name!r}, split={self._split!r}, "
+      f"num_examples={len(self._records)}, records_sha1={digest})"
+    )

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from s4jax.labels import IGNORE_INDEX  # noqa: F401  (re-exported)
+
 IMAGE_PAD_VALUE = 0
 VALID_PAD_VALUE = 0
 
@@ -30,9 +31,7 @@ ScaleRange = tuple[float, float]
 def _check_scale_range(scale_range: ScaleRange) -> tuple[float, float]:
   low, high = (float(s) for s in scale_range)
   if not 0.0 < low <= high:
-    raise ValueError(
-        f"scale_range must satisfy 0 < low <= high, got {scale_range}."
-    )
+    raise ValueError(f"scale_range must satisfy 0 < low <= high, got {scale_range}.")
   return low, high
 
 
@@ -47,10 +46,10 @@ def _resize(array: np.ndarray, height: int, width: int, resample) -> np.ndarray:
 
 
 def random_rescale(
-    image: np.ndarray,
-    mask: np.ndarray | None,
-    rng: np.random.Generator,
-    scale_range: ScaleRange = (0.5, 2.0),
+  image: np.ndarray,
+  mask: np.ndarray | None,
+  rng: np.random.Generator,
+  scale_range: ScaleRange = (0.5, 2.0),
 ) -> tuple[np.ndarray, np.ndarray | None]:
   """Rescales so the longer side becomes `longer side × U(scale_range)`.
 
@@ -80,19 +79,17 @@ def random_rescale(
   return image, mask
 
 
-def _pad_bottom_right(
-    array: np.ndarray, height: int, width: int, value: int
-) -> np.ndarray:
+def _pad_bottom_right(array: np.ndarray, height: int, width: int, value: int) -> np.ndarray:
   pad = [(0, height - array.shape[0]), (0, width - array.shape[1])]
   pad += [(0, 0)] * (array.ndim - 2)
   return np.pad(array, pad, mode="constant", constant_values=value)
 
 
 def pad_to_at_least(
-    image: np.ndarray,
-    mask: np.ndarray | None,
-    valid: np.ndarray | None,
-    size: int,
+  image: np.ndarray,
+  mask: np.ndarray | None,
+  valid: np.ndarray | None,
+  size: int,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
   """Pads bottom/right so that both sides are at least `size`.
 
@@ -112,11 +109,11 @@ def pad_to_at_least(
 
 
 def random_crop(
-    image: np.ndarray,
-    mask: np.ndarray | None,
-    valid: np.ndarray | None,
-    crop_size: int,
-    rng: np.random.Generator,
+  image: np.ndarray,
+  mask: np.ndarray | None,
+  valid: np.ndarray | None,
+  crop_size: int,
+  rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
   """Crops the same random `crop_size` square from all given arrays.
 
@@ -127,8 +124,7 @@ def random_crop(
   height, width = image.shape[:2]
   if height < crop_size or width < crop_size:
     raise ValueError(
-        f"image of size {height}x{width} is smaller than crop_size={crop_size};"
-        " pad it first."
+      f"image of size {height}x{width} is smaller than crop_size={crop_size}; pad it first."
     )
   top = int(rng.integers(0, height - crop_size + 1))
   left = int(rng.integers(0, width - crop_size + 1))
@@ -140,11 +136,11 @@ def random_crop(
 
 
 def random_hflip(
-    image: np.ndarray,
-    mask: np.ndarray | None,
-    valid: np.ndarray | None,
-    rng: np.random.Generator,
-    p: float = 0.5,
+  image: np.ndarray,
+  mask: np.ndarray | None,
+  valid: np.ndarray | None,
+  rng: np.random.Generator,
+  p: float = 0.5,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
   """Mirrors all given arrays left-right together with probability `p`."""
   if rng.random() >= p:
@@ -160,11 +156,11 @@ def _contiguous(array: np.ndarray | None) -> np.ndarray | None:
 
 
 def _weak_geometry(
-    image: np.ndarray,
-    mask: np.ndarray | None,
-    valid: np.ndarray | None,
-    crop_size: int,
-    rng: np.random.Generator,
+  image: np.ndarray,
+  mask: np.ndarray | None,
+  valid: np.ndarray | None,
+  crop_size: int,
+  rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
   """Pad, crop and flip after a rescale; returns contiguous arrays."""
   image, mask, valid = pad_to_at_least(image, mask, valid, crop_size)
@@ -176,11 +172,11 @@ def _weak_geometry(
 
 
 def weak_labelled(
-    image: np.ndarray,
-    mask: np.ndarray,
-    crop_size: int,
-    rng: np.random.Generator,
-    scale_range: ScaleRange = (0.5, 2.0),
+  image: np.ndarray,
+  mask: np.ndarray,
+  crop_size: int,
+  rng: np.random.Generator,
+  scale_range: ScaleRange = (0.5, 2.0),
 ) -> tuple[np.ndarray, np.ndarray]:
   """Weak view of a labelled pair.
 
@@ -201,12 +197,12 @@ def weak_labelled(
 
 
 def weak_unlabelled(
-    image: np.ndarray,
-    crop_size: int,
-    rng: np.random.Generator,
-    scale_range: ScaleRange = (0.5, 2.0),
-    *,
-    mask: np.ndarray | None = None,
+  image: np.ndarray,
+  crop_size: int,
+  rng: np.random.Generator,
+  scale_range: ScaleRange = (0.5, 2.0),
+  *,
+  mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Weak view of an unlabelled image.
 

@@ -21,9 +21,28 @@ import numpy as np
 from s4jax.data import files
 
 CLASS_NAMES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
-    "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
-    "sheep", "sofa", "train", "tvmonitor")
+  "background",
+  "aeroplane",
+  "bicycle",
+  "bird",
+  "boat",
+  "bottle",
+  "bus",
+  "car",
+  "cat",
+  "chair",
+  "cow",
+  "diningtable",
+  "dog",
+  "horse",
+  "motorbike",
+  "person",
+  "pottedplant",
+  "sheep",
+  "sofa",
+  "train",
+  "tvmonitor",
+)
 NUM_CLASSES = len(CLASS_NAMES)
 # Sizes the configs use to turn the papers' epochs into steps.
 NUM_TRAIN_AUG = 10582
@@ -39,11 +58,12 @@ EXPECTED_TREE = """\
 """
 
 SPLIT_HELP = (
-    "Published VOC splits (92, 183, 366, 732, 1464, 1_16, 1_8, 1_4, ...) are in the "
-    "splits/pascal/ folder of https://github.com/LiheYoung/UniMatch; copy that folder to "
-    "<data.root>/splits or point --config.data.splits_dir at it, or give the files with "
-    "--config.data.labelled_list / --config.data.unlabelled_list. New splits: python -m "
-    "s4jax.data.splits --dataset=voc ...")
+  "Published VOC splits (92, 183, 366, 732, 1464, 1_16, 1_8, 1_4, ...) are in the "
+  "splits/pascal/ folder of https://github.com/LiheYoung/UniMatch; copy that folder to "
+  "<data.root>/splits or point --config.data.splits_dir at it, or give the files with "
+  "--config.data.labelled_list / --config.data.unlabelled_list. New splits: python -m "
+  "s4jax.data.splits --dataset=voc ..."
+)
 
 
 def palette() -> np.ndarray:
@@ -72,8 +92,9 @@ class VocLayout(files.Layout):
     super().check_root()
     if not os.path.isdir(os.path.join(self.root, "JPEGImages")):
       nested = os.path.join(self.root, "VOC2012")
-      hint = (f" (did you mean {nested}?)" if os.path.isdir(os.path.join(nested, "JPEGImages"))
-              else "")
+      hint = (
+        f" (did you mean {nested}?)" if os.path.isdir(os.path.join(nested, "JPEGImages")) else ""
+      )
       raise self.layout_error(f"{self.root} has no JPEGImages/ folder{hint}.")
 
   def _ids(self, list_name: str) -> list[str]:
@@ -101,14 +122,20 @@ class VocLayout(files.Layout):
     else:
       ids = self._ids("train.txt")
       mask_dir = "SegmentationClass"
-    return [files.Entry(os.path.join("JPEGImages", f"{i}.jpg"),
-                        os.path.join(mask_dir, f"{i}.png")) for i in ids]
+    return [
+      files.Entry(os.path.join("JPEGImages", f"{i}.jpg"), os.path.join(mask_dir, f"{i}.png"))
+      for i in ids
+    ]
 
   def val_entries(self) -> list[files.Entry]:
-    return [files.Entry(os.path.join("JPEGImages", f"{i}.jpg"),
-                        os.path.join("SegmentationClass", f"{i}.png"),
-                        origin=f"ImageSets/Segmentation/val.txt ({i})")
-            for i in self._ids("val.txt")]
+    return [
+      files.Entry(
+        os.path.join("JPEGImages", f"{i}.jpg"),
+        os.path.join("SegmentationClass", f"{i}.png"),
+        origin=f"ImageSets/Segmentation/val.txt ({i})",
+      )
+      for i in self._ids("val.txt")
+    ]
 
   def resolve(self, first: str, second: str | None, origin: str) -> files.Entry:
     if second is not None:

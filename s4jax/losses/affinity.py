@@ -66,6 +66,7 @@ _OUTPUT_KEY = {"fused": "features", "high": "high"}
 
 # ---- the pieces, as pure functions ------------------------------------------------------
 
+
 def grid_shape(height: int, width: int, stride: int) -> tuple[int, int]:
   """Cells of the affinity grid for an input of height x width."""
   return -(-height // stride), -(-width // stride)
@@ -83,8 +84,9 @@ def to_grid(maps, grid):
   maps = maps.astype(jnp.float32)
   if tuple(maps.shape[1:3]) == tuple(grid):
     return maps
-  return jax.image.resize(maps, (maps.shape[0], *grid, maps.shape[-1]), method="linear",
-                          antialias=True)
+  return jax.image.resize(
+    maps, (maps.shape[0], *grid, maps.shape[-1]), method="linear", antialias=True
+  )
 
 
 def upsample(maps, size):
@@ -96,8 +98,11 @@ def upsample(maps, size):
 def task_affinity(theta, phi):
   """A_t = softmax_row(theta phi^T): [N, h, w, C] twice -> [N, hw, hw], rows sum to 1."""
   n, c = theta.shape[0], theta.shape[-1]
-  logits = jnp.einsum("nic,njc->nij", theta.reshape(n, -1, c).astype(jnp.float32),
-                      phi.reshape(n, -1, c).astype(jnp.float32))
+  logits = jnp.einsum(
+    "nic,njc->nij",
+    theta.reshape(n, -1, c).astype(jnp.float32),
+    phi.reshape(n, -1, c).astype(jnp.float32),
+  )
   return jax.nn.softmax(logits, axis=-1)
 
 
@@ -129,8 +134,11 @@ def bce_with_logits(logits, targets):
   """Per-element binary cross-entropy of logits against targets in [0, 1] (stable)."""
   logits = logits.astype(jnp.float32)
   # max(x, 0) - x t + log(1 + e^-|x|): no cancellation for large |x| (unlike log(1 + e^x) - x t)
-  return (jnp.maximum(logits, 0.0) - logits * targets.astype(jnp.float32)
-          + jnp.log1p(jnp.exp(-jnp.abs(logits))))
+  return (
+    jnp.maximum(logits, 0.0)
+    - logits * targets.astype(jnp.float32)
+    + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+  )
 
 
 def multilabel_soft_margin_loss(logits, targets, class_mask, image_weight):
@@ -144,7 +152,8 @@ def multilabel_soft_margin_loss(logits, targets, class_mask, image_weight):
   """
   class_mask = class_mask.astype(jnp.float32)
   per_image = (bce_with_logits(logits, targets) * class_mask).sum(-1) / jnp.maximum(
-      class_mask.sum(), 1.0)
+    class_mask.sum(), 1.0
+  )
   image_weight = image_weight.astype(jnp.float32)
   return (per_image * image_weight).sum() / jnp.maximum(image_weight.sum(), 1.0)
 
@@ -171,6 +180,7 @@ def weighted_mean(values, weight, denominator):
 
 # ---- the heads, applied through any `head(name, x)` ------------------------------------
 
+
 def branch_outputs(head, grid_features, cfg):
   """F_sal and its saliency logits [N, h, w, 1]; with `refine_predictions` also the fused
   cross-task affinity [N, hw, hw] and the fusion's mean weight on the saliency affinity."""
@@ -178,15 +188,17 @@ def branch_outputs(head, grid_features, cfg):
   out = {"saliency": head(SALIENCY, sal["features"])}
   if cfg.refine_predictions:
     out["affinity"], out["sal_share"] = cross_task_affinity(
-        head, head(SEG_BRANCH, grid_features), sal, cfg.normalize_rows)
+      head, head(SEG_BRANCH, grid_features), sal, cfg.normalize_rows
+    )
   return out
 
 
 def cross_task_affinity(head, seg, sal, normalize_rows: bool):
   """The fused affinity A [N, hw, hw] from the two branches' projections, and the mean
   fusion weight of the saliency affinity. The only HW x HW part of the objective."""
-  stacked = jnp.stack([task_affinity(seg["theta"], seg["phi"]),
-                       task_affinity(sal["theta"], sal["phi"])], axis=-1)
+  stacked = jnp.stack(
+    [task_affinity(seg["theta"], seg["phi"]), task_affinity(sal["theta"], sal["phi"])], axis=-1
+  )
   weights = head(FUSION, stacked)
   return fuse_affinities(stacked, weights, normalize_rows), weights[..., 1].mean()
 
@@ -196,8 +208,9 @@ def _module_outputs(module, images, cfg, *, with_segmentation: bool, train: bool
   affinity heads on its features; with `with_segmentation` the grid segmentation logits."""
   out = module(images, train=train)
   grid = grid_shape(*images.shape[1:3], cfg.stride)
-  result = branch_outputs(lambda name, x: module.head(name, x),
-                          to_grid(out[_OUTPUT_KEY[cfg.source]], grid), cfg)
+  result = branch_outputs(
+    lambda name, x: module.head(name, x), to_grid(out[_OUTPUT_KEY[cfg.source]], grid), cfg
+  )
   if with_segmentation:
     seg = decoder_logits(module.variables["params"]["decoder"], out["features"])
     result["segmentation"] = to_grid(seg, grid)
@@ -206,9 +219,9 @@ def _module_outputs(module, images, cfg, *, with_segmentation: bool, train: bool
 
 # ---- the loss ---------------------------------------------------------------------------
 
+
 def _background(ctx, cfg):
-  return tuple(cfg.background_classes) if len(cfg.background_classes) else \
-      ctx.background_classes
+  return tuple(cfg.background_classes) if len(cfg.background_classes) else ctx.background_classes
 
 
 def _group_loss(ctx, cfg, key, source_features, fused, labels, pixel_weight, denominator):
@@ -234,8 +247,7 @@ def _group_loss(ctx, cfg, key, source_features, fused, labels, pixel_weight, den
     terms["loss_cls"] = multilabel_soft_margin_loss(logits, targets, class_mask, image_weight)
     total += cfg.cls_weight * terms["loss_cls"]
 
-  outputs = branch_outputs(lambda name, x: ctx.head(name, x),
-                           to_grid(source_features, grid), cfg)
+  outputs = branch_outputs(lambda name, x: ctx.head(name, x), to_grid(source_features, grid), cfg)
   saliency_target = is_object(labels, background)
   if cfg.sal_weight > 0:
     plain = bce_with_logits(upsample(outputs["saliency"], size)[..., 0], saliency_target)
@@ -274,8 +286,15 @@ def _loss(ctx: objective_lib.StepContext, cfg, aux):
     labels = ctx.labelled_mask.astype(jnp.int32)
     weight = ctx.labelled_valid()
     loss_l, terms = _group_loss(
-        ctx, cfg, keys[0], _features_of(ctx, "labelled", ctx.labelled_features, cfg.source),
-        ctx.labelled_features, labels, weight, weight.sum())
+      ctx,
+      cfg,
+      keys[0],
+      _features_of(ctx, "labelled", ctx.labelled_features, cfg.source),
+      ctx.labelled_features,
+      labels,
+      weight,
+      weight.sum(),
+    )
     parts.append(loss_l)
     metrics.update({f"{k}_labelled": v for k, v in terms.items()})
   if cfg.on_unlabelled and ctx.strong_views:
@@ -285,8 +304,15 @@ def _loss(ctx: objective_lib.StepContext, cfg, aux):
       if view.weight is not None:
         weight = weight * view.weight
       loss_v, terms = _group_loss(
-          ctx, cfg, keys[1 + i], _features_of(ctx, f"strong{i + 1}", view.features, cfg.source),
-          view.features, view.pseudo, weight, view.valid.sum())
+        ctx,
+        cfg,
+        keys[1 + i],
+        _features_of(ctx, f"strong{i + 1}", view.features, cfg.source),
+        view.features,
+        view.pseudo,
+        weight,
+        view.valid.sum(),
+      )
       view_losses.append(loss_v)
       view_terms.append(terms)
     parts.append(sum(view_losses) / len(view_losses))
@@ -298,6 +324,7 @@ def _loss(ctx: objective_lib.StepContext, cfg, aux):
 
 
 # ---- hooks ------------------------------------------------------------------------------
+
 
 def propagate_probabilities(affinity, probs, grid):
   """The target hook's propagation: probabilities [N, H, W, K] -> grid -> A p, renormalised
@@ -319,7 +346,8 @@ def _label_metrics(pseudo, confidence, valid, hidden, threshold, suffix):
     metrics[f"accuracy_{suffix}"] = (correct * known).sum() / jnp.maximum(known.sum(), 1.0)
     known_confident = known * confident
     metrics[f"accuracy_confident_{suffix}"] = (correct * known_confident).sum() / jnp.maximum(
-        known_confident.sum(), 1.0)
+      known_confident.sum(), 1.0
+    )
   return metrics
 
 
@@ -332,22 +360,29 @@ def _targets(tctx: objective_lib.TargetContext, cfg, aux):
     return targets, {}
   grid = grid_shape(*targets.pseudo.shape[1:3], cfg.stride)
   affinity = tctx.teacher_apply(
-      tctx.weak_image,
-      method=lambda module, images, train: _module_outputs(
-          module, images, cfg, with_segmentation=False, train=train)["affinity"])
+    tctx.weak_image,
+    method=lambda module, images, train: _module_outputs(
+      module, images, cfg, with_segmentation=False, train=train
+    )["affinity"],
+  )
   probs = propagate_probabilities(affinity, jax.nn.softmax(targets.logits, axis=-1), grid)
   pseudo = jnp.argmax(probs, axis=-1).astype(jnp.int32)
   confidence = jnp.max(probs, axis=-1)
-  new = method_base.Targets(pseudo=pseudo, confidence=confidence, weight=targets.weight,
-                            logits=jnp.log(jnp.maximum(probs, 1e-12)))
+  new = method_base.Targets(
+    pseudo=pseudo,
+    confidence=confidence,
+    weight=targets.weight,
+    logits=jnp.log(jnp.maximum(probs, 1e-12)),
+  )
   valid = tctx.weak_valid.astype(jnp.float32)
   threshold = float(tctx.config.semi.threshold)
-  metrics = {"changed": weighted_mean((pseudo != targets.pseudo).astype(jnp.float32), valid,
-                                      valid.sum())}
-  metrics.update(_label_metrics(targets.pseudo, targets.confidence, valid, tctx.hidden_mask,
-                                threshold, "before"))
-  metrics.update(_label_metrics(pseudo, confidence, valid, tctx.hidden_mask, threshold,
-                                "after"))
+  metrics = {
+    "changed": weighted_mean((pseudo != targets.pseudo).astype(jnp.float32), valid, valid.sum())
+  }
+  metrics.update(
+    _label_metrics(targets.pseudo, targets.confidence, valid, tctx.hidden_mask, threshold, "before")
+  )
+  metrics.update(_label_metrics(pseudo, confidence, valid, tctx.hidden_mask, threshold, "after"))
   return new, metrics
 
 
@@ -378,8 +413,11 @@ def _visualise(model, variables, images, masks, rng, cfg):
   attends to most; that cell is marked blue), all in normalised image space."""
   del masks, rng
   n, h, w = images.shape[:3]
-  out = model.apply(variables, images, method=lambda module, images: _module_outputs(
-      module, images, cfg, with_segmentation=False))
+  out = model.apply(
+    variables,
+    images,
+    method=lambda module, images: _module_outputs(module, images, cfg, with_segmentation=False),
+  )
   mean = jnp.asarray(augment.IMAGENET_MEAN, jnp.float32)
   std = jnp.asarray(augment.IMAGENET_STD, jnp.float32)
   unit = jnp.clip(images * std + mean, 0.0, 1.0)
@@ -404,20 +442,34 @@ def _visualise(model, variables, images, masks, rng, cfg):
 def _heads(cfg):
   source, width = cfg.source, int(cfg.branch_channels)
   dilations = tuple(int(d) for d in cfg.dilations)
-  specs = [heads.HeadSpec(SAL_BRANCH, "affinity_branch", channels=width, source=source,
-                          dilations=dilations),
-           heads.HeadSpec(SALIENCY, "dense", channels=1, source=source, input_channels=width)]
+  specs = [
+    heads.HeadSpec(
+      SAL_BRANCH, "affinity_branch", channels=width, source=source, dilations=dilations
+    ),
+    heads.HeadSpec(SALIENCY, "dense", channels=1, source=source, input_channels=width),
+  ]
   if cfg.cls_weight > 0:
-    specs.append(heads.HeadSpec(CLASSIFIER, "image_classifier", source=source,
-                                dropout=float(cfg.classifier_dropout)))
+    specs.append(
+      heads.HeadSpec(
+        CLASSIFIER, "image_classifier", source=source, dropout=float(cfg.classifier_dropout)
+      )
+    )
   if cfg.refine_predictions:
-    specs += [heads.HeadSpec(SEG_BRANCH, "affinity_branch", channels=width, source=source,
-                             dilations=dilations),
-              heads.HeadSpec(FUSION, "affinity_fusion", channels=2, source=source,
-                             input_channels=2)]
+    specs += [
+      heads.HeadSpec(
+        SEG_BRANCH, "affinity_branch", channels=width, source=source, dilations=dilations
+      ),
+      heads.HeadSpec(FUSION, "affinity_fusion", channels=2, source=source, input_channels=2),
+    ]
   return tuple(specs)
 
 
 OBJECTIVE = objective_lib.Objective(
-    name="affinity", heads=_heads, loss=_loss, validate=affinity_config.validate,
-    targets=_targets, refine_eval=_refine_eval, visualise=_visualise)
+  name="affinity",
+  heads=_heads,
+  loss=_loss,
+  validate=affinity_config.validate,
+  targets=_targets,
+  refine_eval=_refine_eval,
+  visualise=_visualise,
+)

@@ -16,8 +16,7 @@ def pseudo_labels(teacher_logits):
   return jnp.argmax(probs, axis=-1).astype(jnp.int32), jnp.max(probs, axis=-1)
 
 
-def pseudo_label_loss(student_logits, labels, confidence, valid, threshold: float,
-                      weight=None):
+def pseudo_label_loss(student_logits, labels, confidence, valid, threshold: float, weight=None):
   """sum_i 1[c_i >= tau] V_i w_i CE(f(s)_i, y_i) / sum_i V_i over the global batch.
 
   `weight` (default 1) is a per-pixel weight an objective's target hook may set (CSS weighs

@@ -59,11 +59,12 @@ from s4jax.losses import objective as objective_lib
 from s4jax.methods import base as method_base
 from s4jax.models import heads
 
-HEAD = "contrastive"   # params["head_contrastive"]
-NORM_EPS = 1e-12       # torch F.normalize's eps
+HEAD = "contrastive"  # params["head_contrastive"]
+NORM_EPS = 1e-12  # torch F.normalize's eps
 
 
 # ---- pure functions (tested against NumPy) ---------------------------------------------
+
 
 def normalise(x):
   """x / max(||x||, eps) along the last axis: zero vectors (unseen prototypes) stay zero."""
@@ -73,8 +74,9 @@ def normalise(x):
 
 def cosine_to_prototypes(reps, prototypes):
   """cos(r_i, P_c) [..., K] for representations [..., D] and prototypes [K, D]."""
-  return jnp.einsum("...d,kd->...k", normalise(reps), normalise(prototypes),
-                    precision=jax.lax.Precision.HIGHEST)
+  return jnp.einsum(
+    "...d,kd->...k", normalise(reps), normalise(prototypes), precision=jax.lax.Precision.HIGHEST
+  )
 
 
 def representation_labels(cosine, temperature: float, size=None):
@@ -111,8 +113,12 @@ def update_prototypes(prototypes, initialised, reps, labels, momentum: float):
   num_classes = prototypes.shape[0]
   one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)  # 255 -> all zeros
   counts = one_hot.sum(axis=0)
-  sums = jnp.einsum("pk,pd->kd", one_hot, jax.lax.stop_gradient(reps).astype(jnp.float32),
-                    precision=jax.lax.Precision.HIGHEST)
+  sums = jnp.einsum(
+    "pk,pd->kd",
+    one_hot,
+    jax.lax.stop_gradient(reps).astype(jnp.float32),
+    precision=jax.lax.Precision.HIGHEST,
+  )
   means = sums / jnp.maximum(counts, 1.0)[:, None]
   present = counts > 0
   moved = momentum * prototypes + (1.0 - momentum) * means
@@ -136,8 +142,7 @@ def draw_pixels(key, slots, classes):
   available = count[classes]
   u = jax.random.uniform(key, classes.shape)
   # floor(u * n) can round up to n in float32: clamp to the last rank.
-  rank = jnp.minimum(jnp.floor(u * available).astype(jnp.int32),
-                     jnp.maximum(available - 1, 0))
+  rank = jnp.minimum(jnp.floor(u * available).astype(jnp.int32), jnp.maximum(available - 1, 0))
   return order[jnp.minimum(start[classes] + rank, order.shape[0] - 1)]
 
 
@@ -162,13 +167,21 @@ def draw_classes(key, probs, shape):
   cdf = jnp.cumsum(probs, axis=-1)
   u = jax.random.uniform(key, (num_classes, *shape))
   r = cdf[:, -1].reshape(num_classes, *([1] * len(shape))) * (1.0 - u)
-  flat = jax.vmap(lambda c, x: jnp.searchsorted(c, x, side="left"))(
-      cdf, r.reshape(num_classes, -1))
+  flat = jax.vmap(lambda c, x: jnp.searchsorted(c, x, side="left"))(cdf, r.reshape(num_classes, -1))
   return jnp.minimum(flat, num_classes - 1).astype(jnp.int32).reshape(num_classes, *shape)
 
 
-def sample_pairs(key, labels, valid, hard, prototypes, present, num_anchors: int,
-                 num_negatives: int, temperature: float):
+def sample_pairs(
+  key,
+  labels,
+  valid,
+  hard,
+  prototypes,
+  present,
+  num_anchors: int,
+  num_negatives: int,
+  temperature: float,
+):
   """Anchor and negative pixel indices for every class (static shapes).
 
   Args:
@@ -186,8 +199,9 @@ def sample_pairs(key, labels, valid, hard, prototypes, present, num_anchors: int
   hard_slots = class_slots(labels, hard, num_classes)
   own = jnp.broadcast_to(jnp.arange(num_classes)[:, None], (num_classes, num_anchors))
   anchor_index = draw_pixels(k_anchor, hard_slots, own)
-  negative_class = draw_classes(k_class, negative_class_probs(prototypes, present, temperature),
-                                (num_anchors, num_negatives))
+  negative_class = draw_classes(
+    k_class, negative_class_probs(prototypes, present, temperature), (num_anchors, num_negatives)
+  )
   negative_index = draw_pixels(k_pixel, class_slots(labels, valid, num_classes), negative_class)
   return anchor_index, negative_index, negative_class, present & (hard_slots[2] > 0)
 
@@ -203,15 +217,16 @@ def info_nce(anchors, positive, negatives, temperature: float):
   return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - logits[:, 0])
 
 
-def class_losses(reps, anchor_index, negative_index, prototypes, use, temperature: float,
-                 class_chunk: int = 1):
+def class_losses(
+  reps, anchor_index, negative_index, prototypes, use, temperature: float, class_chunk: int = 1
+):
   """InfoNCE per class [K], 0 where `use` is False.
 
   Anchors carry the gradient; positives (prototypes) and negatives do not (as in CSS). The
   negatives [A, N, D] are gathered `class_chunk` classes at a time and rematerialised in the
   backward pass, so at most class_chunk x A x N x D floats are alive at once.
   """
-  anchors = reps[anchor_index]                                  # [K, A, D], with gradient
+  anchors = reps[anchor_index]  # [K, A, D], with gradient
   pixels = jax.lax.stop_gradient(reps)
   positives = jax.lax.stop_gradient(prototypes)
 
@@ -226,22 +241,39 @@ def class_losses(reps, anchor_index, negative_index, prototypes, use, temperatur
       return jax.lax.cond(use_c, compute, lambda: jnp.zeros((), jnp.float32))
     return jnp.where(use_c, compute(), 0.0)
 
-  losses = jax.lax.map(one_class, (anchors, negative_index, positives, use),
-                       batch_size=None if class_chunk == 1 else class_chunk)
+  losses = jax.lax.map(
+    one_class,
+    (anchors, negative_index, positives, use),
+    batch_size=None if class_chunk == 1 else class_chunk,
+  )
   return jnp.where(use, losses, 0.0)
 
 
-def contrastive_loss(key, reps, labels, valid, hard, prototypes, present, *, num_anchors,
-                     num_negatives, temperature, class_chunk=1):
+def contrastive_loss(
+  key,
+  reps,
+  labels,
+  valid,
+  hard,
+  prototypes,
+  present,
+  *,
+  num_anchors,
+  num_negatives,
+  temperature,
+  class_chunk=1,
+):
   """CSS's loss: the sum over present classes with hard anchors of their InfoNCE, divided by
   the number of present classes; 0 with fewer than two present classes. Returns (loss,
   number of classes with anchors)."""
   anchor_index, negative_index, _, has_anchors = sample_pairs(
-      key, labels, valid, hard, prototypes, present, num_anchors, num_negatives, temperature)
+    key, labels, valid, hard, prototypes, present, num_anchors, num_negatives, temperature
+  )
   num_present = present.sum()
   use = has_anchors & (num_present >= 2)
-  per_class = class_losses(reps, anchor_index, negative_index, prototypes, use, temperature,
-                           class_chunk)
+  per_class = class_losses(
+    reps, anchor_index, negative_index, prototypes, use, temperature, class_chunk
+  )
   return per_class.sum() / jnp.maximum(num_present, 1).astype(jnp.float32), use.sum()
 
 
@@ -253,12 +285,12 @@ def rampdown(step, total_steps: int, rate: float):
 
 def nearest_labels(label_maps, size):
   """int [n, H, W] label maps -> int32 [n, *size] by nearest resizing (255 stays 255)."""
-  out = jax.image.resize(label_maps.astype(jnp.float32), (label_maps.shape[0], *size),
-                         "nearest")
+  out = jax.image.resize(label_maps.astype(jnp.float32), (label_maps.shape[0], *size), "nearest")
   return jnp.round(out).astype(jnp.int32)
 
 
 # ---- the objective ---------------------------------------------------------------------
+
 
 def _teacher_representation(module, images, train):
   """The network's representation head on its own fused features."""
@@ -275,13 +307,14 @@ def _student_pixels(ctx, cfg):
   labels where the teacher's confidence is >= weak_threshold), and their fused features."""
   features = [ctx.labelled_features]
   maps = [ctx.labelled_mask.astype(jnp.int32)]
-  views = ctx.strong_views[:cfg.strong_views] if ctx.targets is not None else ()
+  views = ctx.strong_views[: cfg.strong_views] if ctx.targets is not None else ()
   if views:
     # The logit-space labels: a target hook (ours) may have replaced ctx.targets' labels,
     # never their logits.
     pseudo, confidence = consistency.pseudo_labels(ctx.targets.logits)
-    logit_space = method_base.Targets(pseudo=pseudo, confidence=confidence,
-                                      weight=jnp.ones_like(confidence), logits=None)
+    logit_space = method_base.Targets(
+      pseudo=pseudo, confidence=confidence, weight=jnp.ones_like(confidence), logits=None
+    )
     for view in views:
       mixed = method_base.with_targets(view, logit_space)
       keep = (mixed.confidence >= cfg.weak_threshold) & (mixed.valid > 0)
@@ -293,38 +326,50 @@ def _student_pixels(ctx, cfg):
 def _loss(ctx: objective_lib.StepContext, cfg, aux):
   num_classes = ctx.num_classes
   features, maps = _student_pixels(ctx, cfg)
-  reps = ctx.head(HEAD, features, train=True)                   # [n, h, w, D]
+  reps = ctx.head(HEAD, features, train=True)  # [n, h, w, D]
   labels = nearest_labels(maps, reps.shape[1:3]).reshape(-1)
   reps = reps.reshape(-1, reps.shape[-1])
-  valid = labels < num_classes                                  # 255 = not counted
+  valid = labels < num_classes  # 255 = not counted
 
   old = aux["prototypes"]
   indicator = jax.nn.softmax(
-      cosine_to_prototypes(jax.lax.stop_gradient(reps), old) / cfg.label_temperature, axis=-1)
-  own = jnp.take_along_axis(indicator, jnp.clip(labels, 0, num_classes - 1)[:, None],
-                            axis=-1)[:, 0]
+    cosine_to_prototypes(jax.lax.stop_gradient(reps), old) / cfg.label_temperature, axis=-1
+  )
+  own = jnp.take_along_axis(indicator, jnp.clip(labels, 0, num_classes - 1)[:, None], axis=-1)[:, 0]
   hard = valid & (own < cfg.anchor_threshold)
   prototypes, initialised, present = update_prototypes(
-      old, aux["initialised"], reps, jnp.where(valid, labels, num_classes),
-      cfg.prototype_momentum)
+    old, aux["initialised"], reps, jnp.where(valid, labels, num_classes), cfg.prototype_momentum
+  )
   loss, anchor_classes = contrastive_loss(
-      ctx.rng, reps, labels, valid, hard, prototypes, present, num_anchors=cfg.num_anchors,
-      num_negatives=cfg.num_negatives, temperature=cfg.temperature,
-      class_chunk=cfg.class_chunk)
+    ctx.rng,
+    reps,
+    labels,
+    valid,
+    hard,
+    prototypes,
+    present,
+    num_anchors=cfg.num_anchors,
+    num_negatives=cfg.num_negatives,
+    temperature=cfg.temperature,
+    class_chunk=cfg.class_chunk,
+  )
   ramp = rampdown(ctx.step, ctx.config.total_steps, cfg.rampdown)
   total = cfg.weight * ramp * loss
 
   norms = jnp.linalg.norm(prototypes, axis=-1)
   count = initialised.sum()
   metrics = {
-      "loss": total, "loss_contrast": loss, "ramp": ramp,
-      "present_classes": present.sum().astype(jnp.float32),
-      "anchor_classes": anchor_classes.astype(jnp.float32),
-      "hard_fraction": hard.sum() / jnp.maximum(valid.sum(), 1),
-      "initialised_classes": count.astype(jnp.float32),
-      "prototype_norm": jnp.where(initialised, norms, 0.0).sum() / jnp.maximum(count, 1),
-      "prototype_norm_min": jnp.where(count > 0, jnp.min(jnp.where(initialised, norms,
-                                                                     jnp.inf)), 0.0),
+    "loss": total,
+    "loss_contrast": loss,
+    "ramp": ramp,
+    "present_classes": present.sum().astype(jnp.float32),
+    "anchor_classes": anchor_classes.astype(jnp.float32),
+    "hard_fraction": hard.sum() / jnp.maximum(valid.sum(), 1),
+    "initialised_classes": count.astype(jnp.float32),
+    "prototype_norm": jnp.where(initialised, norms, 0.0).sum() / jnp.maximum(count, 1),
+    "prototype_norm_min": jnp.where(
+      count > 0, jnp.min(jnp.where(initialised, norms, jnp.inf)), 0.0
+    ),
   }
   return total, metrics, {"prototypes": prototypes, "initialised": initialised}
 
@@ -335,19 +380,19 @@ def _targets(ctx: objective_lib.TargetContext, cfg, aux):
   t = ctx.targets
   reps = ctx.teacher_apply(ctx.weak_image, method=_teacher_representation)
   rep_labels, rep_confidence = representation_labels(
-      cosine_to_prototypes(reps, aux["prototypes"]), cfg.label_temperature,
-      ctx.weak_image.shape[1:3])
+    cosine_to_prototypes(reps, aux["prototypes"]), cfg.label_temperature, ctx.weak_image.shape[1:3]
+  )
   weights = image_weights(rep_confidence, ctx.weak_valid, cfg.rep_threshold)
   logit_labels, logit_confidence = consistency.pseudo_labels(t.logits)
   valid = ctx.weak_valid.astype(jnp.float32)
   share = lambda keep: (keep * valid).sum() / jnp.maximum(valid.sum(), 1.0)  # noqa: E731
   metrics = {
-      "agreement": share(rep_labels == logit_labels),
-      "rep_kept": share(rep_confidence >= cfg.rep_threshold),
-      "logit_kept": share(logit_confidence >= float(ctx.config.semi.threshold)),
-      "logit_kept_contrast": share(logit_confidence >= cfg.weak_threshold),
-      "rep_confidence": share(rep_confidence),
-      "image_weight": weights.mean(),
+    "agreement": share(rep_labels == logit_labels),
+    "rep_kept": share(rep_confidence >= cfg.rep_threshold),
+    "logit_kept": share(logit_confidence >= float(ctx.config.semi.threshold)),
+    "logit_kept_contrast": share(logit_confidence >= cfg.weak_threshold),
+    "rep_confidence": share(rep_confidence),
+    "image_weight": weights.mean(),
   }
   if not cfg.cross_supervision:
     return t, metrics
@@ -361,8 +406,9 @@ def _targets(ctx: objective_lib.TargetContext, cfg, aux):
     weights = image_weights(score, ctx.weak_valid, cfg.rep_threshold)
     metrics["warmup"] = warm.astype(jnp.float32)
   confidence = score if cfg.threshold_rep_labels else jnp.ones_like(score)
-  return method_base.Targets(pseudo=labels, confidence=confidence,
-                             weight=t.weight * weights[:, None, None], logits=t.logits), metrics
+  return method_base.Targets(
+    pseudo=labels, confidence=confidence, weight=t.weight * weights[:, None, None], logits=t.logits
+  ), metrics
 
 
 def _heads(cfg):
@@ -371,17 +417,22 @@ def _heads(cfg):
 
 def _init_aux(cfg, num_classes, feature_widths):
   del feature_widths  # the head's width is cfg.dim, whatever the decoder's
-  reachable = contrastive_config.max_representation_confidence(num_classes,
-                                                               cfg.label_temperature)
+  reachable = contrastive_config.max_representation_confidence(num_classes, cfg.label_temperature)
   if cfg.cross_supervision and reachable < cfg.rep_threshold:
     logging.warning(
-        "losses.contrastive: with label_temperature=%g and %d classes no pixel's "
-        "representation confidence can exceed %.3f < rep_threshold=%g, so every image weight "
-        "of the cross-supervised unlabelled CE is 0 (as in CSS's released code). Lower "
-        "label_temperature (e.g. 0.1) or rep_threshold to train on unlabelled images.",
-        cfg.label_temperature, num_classes, reachable, cfg.rep_threshold)
-  return {"prototypes": jnp.zeros((num_classes, int(cfg.dim)), jnp.float32),
-          "initialised": jnp.zeros((num_classes,), bool)}
+      "losses.contrastive: with label_temperature=%g and %d classes no pixel's "
+      "representation confidence can exceed %.3f < rep_threshold=%g, so every image weight "
+      "of the cross-supervised unlabelled CE is 0 (as in CSS's released code). Lower "
+      "label_temperature (e.g. 0.1) or rep_threshold to train on unlabelled images.",
+      cfg.label_temperature,
+      num_classes,
+      reachable,
+      cfg.rep_threshold,
+    )
+  return {
+    "prototypes": jnp.zeros((num_classes, int(cfg.dim)), jnp.float32),
+    "initialised": jnp.zeros((num_classes,), bool),
+  }
 
 
 def _colour(labels, palette):
@@ -396,16 +447,25 @@ def _visualise(model, variables, images, masks, rng, cfg):
   plain = {k: v for k, v in variables.items() if k != "aux"}
   logits, reps = model.apply(plain, images, train=False, method=_logits_and_representation)
   palette = viz.make_palette(model.num_classes)
-  panels = [images, _colour(masks.astype(jnp.int32), palette),
-            _colour(jnp.argmax(logits, axis=-1), palette)]
+  panels = [
+    images,
+    _colour(masks.astype(jnp.int32), palette),
+    _colour(jnp.argmax(logits, axis=-1), palette),
+  ]
   if own is not None:
-    rep_labels, _ = representation_labels(cosine_to_prototypes(reps, own["prototypes"]),
-                                          cfg.label_temperature, images.shape[1:3])
+    rep_labels, _ = representation_labels(
+      cosine_to_prototypes(reps, own["prototypes"]), cfg.label_temperature, images.shape[1:3]
+    )
     panels.append(_colour(rep_labels, palette))
   return {"contrastive": jnp.stack(panels, axis=1)}
 
 
 OBJECTIVE = objective_lib.Objective(
-    name="contrastive", heads=_heads, loss=_loss, validate=contrastive_config.validate,
-    init_aux=_init_aux, targets=_targets, visualise=_visualise)
-
+  name="contrastive",
+  heads=_heads,
+  loss=_loss,
+  validate=contrastive_config.validate,
+  init_aux=_init_aux,
+  targets=_targets,
+  visualise=_visualise,
+)

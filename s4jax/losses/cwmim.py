@@ -41,8 +41,7 @@ from s4jax.losses import recon
 from s4jax.labels import IGNORE_INDEX
 
 
-def patch_mask(key, num_images: int, height: int, width: int, patch_size: int,
-               mask_ratio: float):
+def patch_mask(key, num_images: int, height: int, width: int, patch_size: int, mask_ratio: float):
   """float32 [N, H, W], 1 on masked pixels: whole patches of an aligned grid.
 
   Each image masks exactly round(mask_ratio * P) of its P = ceil(H/p) * ceil(W/p) patches
@@ -78,8 +77,7 @@ def select_classes(class_map, num_classes: int, count: int):
 
 def class_regions(class_map, classes):
   """float32 [N, P, H, W]: 1 where the pixel's class is classes[n, p]."""
-  return (class_map[:, None].astype(jnp.int32) == classes[:, :, None, None]).astype(
-      jnp.float32)
+  return (class_map[:, None].astype(jnp.int32) == classes[:, :, None, None]).astype(jnp.float32)
 
 
 def class_inputs(images, mask, regions):
@@ -88,8 +86,9 @@ def class_inputs(images, mask, regions):
   return images[:, None] * visible
 
 
-def classwise_reconstruction_loss(reconstructions, target, mask, regions, present,
-                                  norm: str = "l1"):
+def classwise_reconstruction_loss(
+  reconstructions, target, mask, regions, present, norm: str = "l1"
+):
   """Per (image, class) pair: error on masked class pixels / their count; mean over pairs
   that are present and have masked pixels. Returns (loss, number of valid pairs)."""
   error = recon.pixel_error(reconstructions, target[:, None], norm)  # [N, P, H, W]
@@ -125,13 +124,15 @@ def feature_aggregation_loss(features, mask, regions, present):
   visible = (region_cells & ~masked_cells).astype(jnp.float32)
   features = features.astype(jnp.float32)
   num_visible = visible.sum(axis=(2, 3))
-  prototype = (features * visible[..., None]).sum(axis=(2, 3)) / jnp.maximum(
-      num_visible, 1.0)[..., None]
+  prototype = (features * visible[..., None]).sum(axis=(2, 3)) / jnp.maximum(num_visible, 1.0)[
+    ..., None
+  ]
   prototype = jax.lax.stop_gradient(prototype)
   eps = 1e-6
   cosine = (features * prototype[:, :, None, None]).sum(-1) / (
-      jnp.maximum(jnp.linalg.norm(features, axis=-1), eps)
-      * jnp.maximum(jnp.linalg.norm(prototype, axis=-1), eps)[:, :, None, None])
+    jnp.maximum(jnp.linalg.norm(features, axis=-1), eps)
+    * jnp.maximum(jnp.linalg.norm(prototype, axis=-1), eps)[:, :, None, None]
+  )
   pair_ok = present & (num_visible > 0)
   weight = masked * pair_ok[:, :, None, None]
   return recon.masked_mean(1.0 - cosine, weight)
@@ -160,8 +161,7 @@ def _loss(ctx: objective_lib.StepContext, cfg, aux):
     mask_u = patch_mask(k_mask_u, n_u, h, w, cfg.patch_size, cfg.mask_ratio)
     if cfg.on_unlabelled:
       images.append(ctx.weak_image)
-      maps.append(_class_map_unlabelled(ctx.pseudo, ctx.confidence, ctx.weak_valid,
-                                        ctx.threshold))
+      maps.append(_class_map_unlabelled(ctx.pseudo, ctx.confidence, ctx.weak_valid, ctx.threshold))
       masks.append(mask_u)
   images, class_map, mask = (jnp.concatenate(x) for x in (images, maps, masks))
   metrics = {"masked_fraction": mask.mean()}
@@ -172,26 +172,28 @@ def _loss(ctx: objective_lib.StepContext, cfg, aux):
     regions = class_regions(class_map, classes)
     inputs = class_inputs(images, mask, regions)
     n, p = classes.shape
-    encoded, decoded = ctx.student_apply(inputs.reshape(n * p, h, w, 3),
-                                         method=_encode_and_decode)
+    encoded, decoded = ctx.student_apply(inputs.reshape(n * p, h, w, 3), method=_encode_and_decode)
     if cfg.rec_weight > 0:
       reconstructions = ctx.reconstruct(decoded, "recon").reshape(n, p, h, w, 3)
       loss_rec, num_pairs = classwise_reconstruction_loss(
-          reconstructions, images, mask, regions, present, cfg.norm)
+        reconstructions, images, mask, regions, present, cfg.norm
+      )
       metrics["loss_rec"] = loss_rec
       metrics["valid_pairs"] = num_pairs.astype(jnp.float32)
       total += cfg.rec_weight * loss_rec
     if cfg.fa_weight > 0:
-      loss_fa = feature_aggregation_loss(encoded.reshape(n, p, *encoded.shape[1:]), mask,
-                                         regions, present)
+      loss_fa = feature_aggregation_loss(
+        encoded.reshape(n, p, *encoded.shape[1:]), mask, regions, present
+      )
       metrics["loss_fa"] = loss_fa
       total += cfg.fa_weight * loss_fa
 
   if cfg.smim_weight > 0:
     masked_weak = ctx.weak_image * (1.0 - mask_u)[..., None]
     logits = ctx.student_apply(masked_weak)["logits"]
-    loss_smim = consistency.pseudo_label_loss(logits, ctx.pseudo, ctx.confidence,
-                                              ctx.weak_valid, ctx.threshold)
+    loss_smim = consistency.pseudo_label_loss(
+      logits, ctx.pseudo, ctx.confidence, ctx.weak_valid, ctx.threshold
+    )
     metrics["loss_smim"] = loss_smim
     total += cfg.smim_weight * loss_smim
   metrics["loss"] = total
@@ -200,8 +202,6 @@ def _loss(ctx: objective_lib.StepContext, cfg, aux):
 
 def _heads(cfg):
   return (heads.HeadSpec("recon", "rgb"),) if cfg.rec_weight > 0 else ()
-
-
 
 
 def _visualise(model, variables, images, masks, rng, cfg):
@@ -215,17 +215,19 @@ def _visualise(model, variables, images, masks, rng, cfg):
   regions = class_regions(class_map, classes) * present[:, :, None, None]
   inputs = class_inputs(images, mask, regions)
   p = classes.shape[1]
-  _, decoded = model.apply(variables, inputs.reshape(n * p, h, w, 3), train=False,
-                           method=_encode_and_decode)
+  _, decoded = model.apply(
+    variables, inputs.reshape(n * p, h, w, 3), train=False, method=_encode_and_decode
+  )
   panels = [images, images * (1.0 - mask)[..., None]]
   if cfg.rec_weight > 0:
-    rec = model.apply({"params": variables["params"]}, decoded, (h, w), "recon",
-                      method="reconstruct").reshape(n, p, h, w, 3)
+    rec = model.apply(
+      {"params": variables["params"]}, decoded, (h, w), "recon", method="reconstruct"
+    ).reshape(n, p, h, w, 3)
     for k in range(p):
       panels += [inputs[:, k], rec[:, k]]
   return {"cwmim": jnp.stack(panels, axis=1)}
 
 
 OBJECTIVE = objective_lib.Objective(
-    name="cwmim", heads=_heads, loss=_loss, validate=cwmim_config.validate,
-    visualise=_visualise)
+  name="cwmim", heads=_heads, loss=_loss, validate=cwmim_config.validate, visualise=_visualise
+)

@@ -47,26 +47,26 @@ class StepContext:
   """
 
   config: ml_collections.ConfigDict
-  model: Any                     # the Segmenter (unbound)
-  params: Any                    # student parameters being differentiated
-  batch_stats: Any               # student BatchNorm statistics at the start of the step
-  rng: jax.Array                 # a key for this objective alone
+  model: Any  # the Segmenter (unbound)
+  params: Any  # student parameters being differentiated
+  batch_stats: Any  # student BatchNorm statistics at the start of the step
+  rng: jax.Array  # a key for this objective alone
   step: jax.Array
   num_classes: int
   background_classes: tuple[int, ...]
-  labelled_image: jax.Array      # normalised [n_l, H, W, 3]
-  labelled_mask: jax.Array       # uint8 [n_l, H, W], 255 = ignore / padding
-  labelled_features: jax.Array   # fused stride-4 decoder features of labelled_image
-  weak_image: jax.Array | None = None    # normalised unlabelled weak view [n_u, H, W, 3]
-  weak_valid: jax.Array | None = None    # float32 [n_u, H, W]
-  pseudo: jax.Array | None = None        # training labels of the weak view, int32
-  confidence: jax.Array | None = None    # their confidence
+  labelled_image: jax.Array  # normalised [n_l, H, W, 3]
+  labelled_mask: jax.Array  # uint8 [n_l, H, W], 255 = ignore / padding
+  labelled_features: jax.Array  # fused stride-4 decoder features of labelled_image
+  weak_image: jax.Array | None = None  # normalised unlabelled weak view [n_u, H, W, 3]
+  weak_valid: jax.Array | None = None  # float32 [n_u, H, W]
+  pseudo: jax.Array | None = None  # training labels of the weak view, int32
+  confidence: jax.Array | None = None  # their confidence
   strong_views: tuple[StrongView, ...] = ()
   # Named features of every pass group of the base method: "labelled", "weak" (methods
   # with a train-mode weak pass), "strong1", "strong2" -> Features(low, high, fused).
   features: dict = dataclasses.field(default_factory=dict)
-  targets: Targets | None = None         # the weak view's targets (with logits, weight)
-  teacher_variables: Any = None          # EMA teacher {"params", "batch_stats"}
+  targets: Targets | None = None  # the weak view's targets (with logits, weight)
+  teacher_variables: Any = None  # EMA teacher {"params", "batch_stats"}
   feature_widths: dict = dataclasses.field(default_factory=dict)  # low/high/fused channels
   # Heads applied in train mode record their new BatchNorm statistics here (the step merges
   # them into the student's); a plain dict, filled while the loss is traced.
@@ -85,8 +85,13 @@ class StepContext:
 
   def student_apply(self, images, *, method=None, **kwargs):
     """A student forward with BatchNorm on running statistics (see the module docstring)."""
-    return self.model.apply({"params": self.params, "batch_stats": self.batch_stats}, images,
-                            train=False, method=method, **kwargs)
+    return self.model.apply(
+      {"params": self.params, "batch_stats": self.batch_stats},
+      images,
+      train=False,
+      method=method,
+      **kwargs,
+    )
 
   def teacher_apply(self, images, *, method=None, **kwargs):
     """A forward of the teacher, without gradient: the EMA teacher with `teacher.source =
@@ -98,8 +103,15 @@ class StepContext:
     out = self.model.apply(variables, images, train=False, method=method, **kwargs)
     return jax.lax.stop_gradient(out)
 
-  def head(self, name: str, features, *, train: bool = False, teacher: bool = False,
-           rng: jax.Array | None = None):
+  def head(
+    self,
+    name: str,
+    features,
+    *,
+    train: bool = False,
+    teacher: bool = False,
+    rng: jax.Array | None = None,
+  ):
     """Auxiliary head `name` (declared by the objective) on `features`. `train=True` uses
     batch statistics for its BatchNorm (if any) and records the updated running statistics;
     `teacher=True` runs the teacher's copy of the head, without gradient. `rng` is the
@@ -107,17 +119,21 @@ class StepContext:
     rngs = {} if rng is None else {"dropout": rng}
     size = self.labelled_image.shape[1:3]
     if teacher:
-      params = jax.lax.stop_gradient(
-          (self.teacher_variables or {"params": self.params})["params"])
+      params = jax.lax.stop_gradient((self.teacher_variables or {"params": self.params})["params"])
       stats = jax.lax.stop_gradient(
-          (self.teacher_variables or {"batch_stats": self.batch_stats})["batch_stats"])
-      return jax.lax.stop_gradient(self.model.apply(
-          {"params": params, "batch_stats": stats}, name, features, size, method="head"))
+        (self.teacher_variables or {"batch_stats": self.batch_stats})["batch_stats"]
+      )
+      return jax.lax.stop_gradient(
+        self.model.apply(
+          {"params": params, "batch_stats": stats}, name, features, size, method="head"
+        )
+      )
     variables = {"params": self.params, "batch_stats": self.batch_stats}
     if not train:
       return self.model.apply(variables, name, features, size, method="head", rngs=rngs)
-    out, mutated = self.model.apply(variables, name, features, size, True, method="head",
-                                    mutable=["batch_stats"], rngs=rngs)
+    out, mutated = self.model.apply(
+      variables, name, features, size, True, method="head", mutable=["batch_stats"], rngs=rngs
+    )
     self.head_batch_stats.update(mutated.get("batch_stats", {}))
     return out
 
@@ -126,8 +142,7 @@ class StepContext:
     return self.head(head, features)
 
 
-LossFn = Callable[[StepContext, ml_collections.ConfigDict, Any],
-                  tuple[jax.Array, dict, Any]]
+LossFn = Callable[[StepContext, ml_collections.ConfigDict, Any], tuple[jax.Array, dict, Any]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +152,7 @@ class TargetContext:
 
   config: ml_collections.ConfigDict
   model: Any
-  params: Any                  # student parameters (a hook's outputs carry no gradient)
+  params: Any  # student parameters (a hook's outputs carry no gradient)
   batch_stats: Any
   teacher_variables: Any
   weak_image: jax.Array
@@ -151,11 +166,20 @@ class TargetContext:
   hidden_mask: jax.Array | None = None
 
   def teacher_apply(self, images, *, method=None, **kwargs):
-    ctx = StepContext(config=self.config, model=self.model, params=self.params,
-                      batch_stats=self.batch_stats, rng=self.rng, step=self.step,
-                      num_classes=self.num_classes, background_classes=(),
-                      labelled_image=self.weak_image, labelled_mask=None,
-                      labelled_features=None, teacher_variables=self.teacher_variables)
+    ctx = StepContext(
+      config=self.config,
+      model=self.model,
+      params=self.params,
+      batch_stats=self.batch_stats,
+      rng=self.rng,
+      step=self.step,
+      num_classes=self.num_classes,
+      background_classes=(),
+      labelled_image=self.weak_image,
+      labelled_mask=None,
+      labelled_features=None,
+      teacher_variables=self.teacher_variables,
+    )
     return ctx.teacher_apply(images, method=method, **kwargs)
 
 

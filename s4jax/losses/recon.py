@@ -44,8 +44,9 @@ def reconstruction_loss(prediction, target, valid, norm: str = "l1"):
   return masked_mean(pixel_error(prediction, target, norm), valid)
 
 
-def split_reconstruction_loss(prediction_fg, prediction_bg, target, object_mask, valid,
-                              norm: str = "l1"):
+def split_reconstruction_loss(
+  prediction_fg, prediction_bg, target, object_mask, valid, norm: str = "l1"
+):
   """Object/background reconstruction: (L_fg + L_bg, L_fg, L_bg), each region normalised
   by its own valid pixel count."""
   m = object_mask.astype(jnp.float32)[..., None]
@@ -77,16 +78,20 @@ def _heads(cfg):
 
 
 def _background(ctx, cfg):
-  return tuple(cfg.background_classes) if len(cfg.background_classes) else \
-      ctx.background_classes
+  return tuple(cfg.background_classes) if len(cfg.background_classes) else ctx.background_classes
 
 
 def _source_loss(ctx, cfg, features, target, valid, objects):
   if not cfg.split_foreground:
     return reconstruction_loss(ctx.reconstruct(features, "recon"), target, valid, cfg.norm), {}
   total, fg, bg = split_reconstruction_loss(
-      ctx.reconstruct(features, "recon_fg"), ctx.reconstruct(features, "recon_bg"), target,
-      objects, valid, cfg.norm)
+    ctx.reconstruct(features, "recon_fg"),
+    ctx.reconstruct(features, "recon_bg"),
+    target,
+    objects,
+    valid,
+    cfg.norm,
+  )
   return total, {"loss_fg": fg, "loss_bg": bg}
 
 
@@ -95,8 +100,9 @@ def _loss(ctx: objective_lib.StepContext, cfg, aux):
   parts, metrics = [], {}
   if cfg.on_labelled:
     objects = object_mask(ctx.labelled_mask, background)
-    loss_l, extra = _source_loss(ctx, cfg, ctx.labelled_features, ctx.labelled_image,
-                                 ctx.labelled_valid(), objects)
+    loss_l, extra = _source_loss(
+      ctx, cfg, ctx.labelled_features, ctx.labelled_image, ctx.labelled_valid(), objects
+    )
     parts.append(loss_l)
     metrics["loss_labelled"] = loss_l
     metrics.update({f"{k}_labelled": v for k, v in extra.items()})
@@ -114,18 +120,18 @@ def _loss(ctx: objective_lib.StepContext, cfg, aux):
   return cfg.weight * loss, metrics, aux
 
 
-
-
 def _visualise(model, variables, images, masks, rng, cfg):
   """input | reconstruction (the fg/bg variant shows both heads' outputs)."""
   del masks, rng
   features = model.apply(variables, images, train=False)["features"]
   size = images.shape[1:3]
-  panels = [images] + [model.apply({"params": variables["params"]}, features, size, head,
-                                   method="reconstruct") for head in _head_names(cfg)]
+  panels = [images] + [
+    model.apply({"params": variables["params"]}, features, size, head, method="reconstruct")
+    for head in _head_names(cfg)
+  ]
   return {"reconstruction": jnp.stack(panels, axis=1)}
 
 
 OBJECTIVE = objective_lib.Objective(
-    name="recon", heads=_heads, loss=_loss, validate=recon_config.validate,
-    visualise=_visualise)
+  name="recon", heads=_heads, loss=_loss, validate=recon_config.validate, visualise=_visualise
+)

@@ -21,13 +21,14 @@ import importlib
 # losses run in.
 BUILT_IN = ("recon", "cwmim", "triplet", "contrastive", "affinity")
 
-_external = {}   # name -> Objective, registered from outside the package
+_external = {}  # name -> Objective, registered from outside the package
 
 
 def config_blocks() -> dict:
   """{name: default config block} of every built-in objective (no JAX imported)."""
-  return {name: importlib.import_module(f"s4jax.losses.{name}_config").defaults()
-          for name in BUILT_IN}
+  return {
+    name: importlib.import_module(f"s4jax.losses.{name}_config").defaults() for name in BUILT_IN
+  }
 
 
 def eval_keys() -> tuple:
@@ -43,8 +44,7 @@ def eval_keys() -> tuple:
 
 def objectives() -> dict:
   """{name: Objective} of every objective, built-in then registered, in registry order."""
-  found = {name: importlib.import_module(f"s4jax.losses.{name}").OBJECTIVE
-           for name in BUILT_IN}
+  found = {name: importlib.import_module(f"s4jax.losses.{name}").OBJECTIVE for name in BUILT_IN}
   found.update(_external)
   return found
 
@@ -65,8 +65,11 @@ def unregister(name: str) -> None:
 def enabled(config):
   """[(objective, its config block)] for every objective switched on, in registry order."""
   blocks = config.get("losses", {})
-  return [(objective, blocks[name]) for name, objective in objectives().items()
-          if name in blocks and blocks[name].enabled]
+  return [
+    (objective, blocks[name])
+    for name, objective in objectives().items()
+    if name in blocks and blocks[name].enabled
+  ]
 
 
 def required_heads(config) -> tuple:
@@ -76,8 +79,10 @@ def required_heads(config) -> tuple:
   for objective, cfg in enabled(config):
     for spec in objective.heads(cfg):
       if spec.name in specs and specs[spec.name] != spec:
-        raise ValueError(f"Objectives declare head {spec.name!r} differently: "
-                         f"{specs[spec.name]} and {spec} ({objective.name}).")
+        raise ValueError(
+          f"Objectives declare head {spec.name!r} differently: "
+          f"{specs[spec.name]} and {spec} ({objective.name})."
+        )
       specs[spec.name] = spec
   return tuple(specs[name] for name in sorted(specs))
 
@@ -85,8 +90,10 @@ def required_heads(config) -> tuple:
 def init_aux(config, num_classes: int, feature_widths: dict | None = None) -> dict:
   """Initial non-trainable state of every enabled objective, keyed by name."""
   widths = dict(feature_widths or {})
-  return {objective.name: objective.init_aux(cfg, num_classes, widths)
-          for objective, cfg in enabled(config)}
+  return {
+    objective.name: objective.init_aux(cfg, num_classes, widths)
+    for objective, cfg in enabled(config)
+  }
 
 
 def validate(config) -> None:

@@ -26,8 +26,9 @@ def cross_entropy(logits, labels, ignore_index: int = IGNORE_INDEX):
   return loss.sum() / jnp.maximum(valid.sum(), 1.0)
 
 
-def ohem_cross_entropy(logits, labels, threshold: float = 0.7, min_kept: int = 200000,
-                       ignore_index: int = IGNORE_INDEX):
+def ohem_cross_entropy(
+  logits, labels, threshold: float = 0.7, min_kept: int = 200000, ignore_index: int = IGNORE_INDEX
+):
   """CE over the hard pixels of the whole (global) batch: UniMatch's util/ohem.py semantics.
 
   A pixel is hard if its true-class probability p is at most a bar
@@ -70,7 +71,9 @@ def labelled_loss(logits, labels, loss_config):
   if loss_config.supervised == "ce":
     return cross_entropy(logits, labels)
   if loss_config.supervised == "ohem":
-    return ohem_cross_entropy(logits, labels, threshold=loss_config.ohem_threshold,
-                              min_kept=loss_config.ohem_min_kept)
-  raise ValueError(f"config.losses.supervised must be 'ce' or 'ohem', got "
-                   f"{loss_config.supervised!r}.")
+    return ohem_cross_entropy(
+      logits, labels, threshold=loss_config.ohem_threshold, min_kept=loss_config.ohem_min_kept
+    )
+  raise ValueError(
+    f"config.losses.supervised must be 'ce' or 'ohem', got {loss_config.supervised!r}."
+  )

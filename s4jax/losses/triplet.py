@@ -44,6 +44,7 @@ HEAD = "triplet"
 
 # ---- patch sampling ------------------------------------------------------------------------
 
+
 def patch_counts(cfg) -> tuple[int, int]:
   """(background-centred, object-centred) patches per image (the reference's rule)."""
   p = int(cfg.patches_per_image)
@@ -66,8 +67,15 @@ def _boxes(centres, sides, height, width):
   """int32 [..., 4] (y0, x0, y1, x1), half-open, clipped to the crop; each holds its centre."""
   y0 = centres[..., 0] - sides // 2
   x0 = centres[..., 1] - sides // 2
-  return jnp.stack([jnp.clip(y0, 0, height), jnp.clip(x0, 0, width),
-                    jnp.clip(y0 + sides, 0, height), jnp.clip(x0 + sides, 0, width)], -1)
+  return jnp.stack(
+    [
+      jnp.clip(y0, 0, height),
+      jnp.clip(x0, 0, width),
+      jnp.clip(y0 + sides, 0, height),
+      jnp.clip(x0 + sides, 0, width),
+    ],
+    -1,
+  )
 
 
 def _box_mask(box, height, width):
@@ -147,14 +155,14 @@ def sample_image_patches(key, labels, cfg, background_classes):
   bg_boxes = _boxes(bg_centres, bg_sides, height, width)
   centres = jnp.concatenate([candidate_centres[chosen], bg_centres])
   return {
-      "boxes": jnp.concatenate([candidates[chosen], bg_boxes]),
-      "centres": centres,
-      "sides": jnp.concatenate([candidate_sides[chosen], bg_sides]),
-      "labels": labels[centres[:, 0], centres[:, 1]],
-      "background": jnp.arange(num_object + num_background) >= num_object,
-      "passed": jnp.concatenate([passed[chosen], jnp.ones((num_background,), bool)]),
-      "candidates": candidates,
-      "candidate_passed": passed,
+    "boxes": jnp.concatenate([candidates[chosen], bg_boxes]),
+    "centres": centres,
+    "sides": jnp.concatenate([candidate_sides[chosen], bg_sides]),
+    "labels": labels[centres[:, 0], centres[:, 1]],
+    "background": jnp.arange(num_object + num_background) >= num_object,
+    "passed": jnp.concatenate([passed[chosen], jnp.ones((num_background,), bool)]),
+    "candidates": candidates,
+    "candidate_passed": passed,
   }
 
 
@@ -162,11 +170,11 @@ def sample_patches(key, labels, cfg, background_classes):
   """`sample_image_patches` of every image of `labels` [n, H, W], one key each (the same
   draws on any number of devices); every output has a leading [n]."""
   keys = jax.random.split(key, labels.shape[0])
-  return jax.vmap(lambda k, y: sample_image_patches(k, y, cfg, background_classes))(
-      keys, labels)
+  return jax.vmap(lambda k, y: sample_image_patches(k, y, cfg, background_classes))(keys, labels)
 
 
 # ---- embeddings ----------------------------------------------------------------------------
+
 
 def _cell_overlap(start, stop, size: int, cells: int):
   """[..., cells]: pixels of [start, stop) in each cell (cell i spans [i, i+1) * size/cells)."""
@@ -194,6 +202,7 @@ def l2_normalise(x, eps: float = 1e-12):
 
 
 # ---- the graph and the loss ----------------------------------------------------------------
+
 
 def build_graph(key, labels):
   """Mix-and-Match's graph on nodes with `labels` [N] (255 = not a node).
@@ -225,8 +234,13 @@ def build_graph(key, labels):
 
   positive, has_positive = draw(k_pos, same)
   negative, has_negative = draw(k_neg, other)
-  return {"order": order, "positive": positive, "negative": negative,
-          "has_positive": has_positive, "has_negative": has_negative}
+  return {
+    "order": order,
+    "positive": positive,
+    "negative": negative,
+    "has_positive": has_positive,
+    "has_negative": has_negative,
+  }
 
 
 def triplet_loss(embeddings, positive, negative, mask, margin: float):
@@ -243,9 +257,13 @@ def triplet_loss(embeddings, positive, negative, mask, margin: float):
 
 # ---- the objective -------------------------------------------------------------------------
 
+
 def _background(ctx_background, cfg):
-  return tuple(int(c) for c in cfg.background_classes) if len(cfg.background_classes) \
-      else tuple(ctx_background)
+  return (
+    tuple(int(c) for c in cfg.background_classes)
+    if len(cfg.background_classes)
+    else tuple(ctx_background)
+  )
 
 
 def _unlabelled_class_map(pseudo, confidence, valid, threshold):
@@ -255,17 +273,14 @@ def _unlabelled_class_map(pseudo, confidence, valid, threshold):
 
 def _sources(ctx, cfg):
   """[(features [n, h, w, C], class map [n, H, W])] of the images the patches come from."""
-  sources = [(getattr(ctx.features["labelled"], cfg.features),
-              ctx.labelled_mask.astype(jnp.int32))]
+  sources = [(getattr(ctx.features["labelled"], cfg.features), ctx.labelled_mask.astype(jnp.int32))]
   if cfg.on_unlabelled and ctx.has_unlabelled:
     if "weak" in ctx.features:  # the weak view's own train-mode pass (FixMatch, UniMatch)
-      class_map = _unlabelled_class_map(ctx.pseudo, ctx.confidence, ctx.weak_valid,
-                                        ctx.threshold)
+      class_map = _unlabelled_class_map(ctx.pseudo, ctx.confidence, ctx.weak_valid, ctx.threshold)
       sources.append((getattr(ctx.features["weak"], cfg.features), class_map))
     else:  # UniMatch V2 has no weak pass: strong view 1 with its CutMixed targets
       view = ctx.strong_views[0]
-      class_map = _unlabelled_class_map(view.pseudo, view.confidence, view.valid,
-                                        ctx.threshold)
+      class_map = _unlabelled_class_map(view.pseudo, view.confidence, view.valid, ctx.threshold)
       sources.append((getattr(ctx.features["strong1"], cfg.features), class_map))
   return sources
 
@@ -275,8 +290,10 @@ def _loss(ctx: objective_lib.StepContext, cfg, aux):
   size = ctx.labelled_image.shape[1:3]
   background = _background(ctx.background_classes, cfg)
   sources = _sources(ctx, cfg)
-  patches = [sample_patches(k, class_map, cfg, background)
-             for k, (_, class_map) in zip(jax.random.split(k_patches, len(sources)), sources)]
+  patches = [
+    sample_patches(k, class_map, cfg, background)
+    for k, (_, class_map) in zip(jax.random.split(k_patches, len(sources)), sources)
+  ]
   # One head application over every source, so its BatchNorm sees one (global) batch.
   projected = ctx.head(HEAD, jnp.concatenate([f for f, _ in sources]), train=True)
   boxes = jnp.concatenate([p["boxes"] for p in patches])
@@ -284,18 +301,19 @@ def _loss(ctx: objective_lib.StepContext, cfg, aux):
   embeddings = l2_normalise(box_pool(projected, boxes, size).reshape(labels.shape[0], -1))
   graph = build_graph(k_graph, labels)
   kept = (labels != IGNORE_INDEX) & graph["has_positive"] & graph["has_negative"]
-  loss, parts = triplet_loss(embeddings, graph["positive"], graph["negative"], kept,
-                             float(cfg.margin))
+  loss, parts = triplet_loss(
+    embeddings, graph["positive"], graph["negative"], kept, float(cfg.margin)
+  )
   kept_f = kept.astype(jnp.float32)
   count = jnp.maximum(kept_f.sum(), 1.0)
   n_l = ctx.labelled_image.shape[0] * int(cfg.patches_per_image)
   metrics = {
-      "loss": loss,
-      "triplets": kept_f.sum(),
-      "patches_labelled": (labels[:n_l] != IGNORE_INDEX).sum().astype(jnp.float32),
-      "distance_positive": (parts["d_pos"] * kept_f).sum() / count,
-      "distance_negative": (parts["d_neg"] * kept_f).sum() / count,
-      "active": ((parts["hinge"] > 0) * kept_f).sum() / count,
+    "loss": loss,
+    "triplets": kept_f.sum(),
+    "patches_labelled": (labels[:n_l] != IGNORE_INDEX).sum().astype(jnp.float32),
+    "distance_positive": (parts["d_pos"] * kept_f).sum() / count,
+    "distance_negative": (parts["d_neg"] * kept_f).sum() / count,
+    "active": ((parts["hinge"] > 0) * kept_f).sum() / count,
   }
   if len(sources) > 1:
     metrics["patches_unlabelled"] = (labels[n_l:] != IGNORE_INDEX).sum().astype(jnp.float32)
@@ -303,8 +321,7 @@ def _loss(ctx: objective_lib.StepContext, cfg, aux):
 
 
 def _heads(cfg):
-  return (heads.HeadSpec(HEAD, "projection", channels=int(cfg.embedding_dim),
-                         source=cfg.features),)
+  return (heads.HeadSpec(HEAD, "projection", channels=int(cfg.embedding_dim), source=cfg.features),)
 
 
 def _replaces_base(cfg) -> bool:
@@ -312,6 +329,7 @@ def _replaces_base(cfg) -> bool:
 
 
 # ---- the evaluation picture ----------------------------------------------------------------
+
 
 def _segment_distance(points, start, end):
   """Distance of `points` [H, W, 2] to the segments start-end [E, 2] -> [E, H, W]."""
@@ -323,23 +341,25 @@ def _segment_distance(points, start, end):
   return jnp.sqrt(jnp.sum(jnp.square(points - nearest), -1))
 
 
-def draw_patches(image, boxes, colours, shown, edges, edge_colours, edge_shown,
-                 thickness: int):
+def draw_patches(image, boxes, colours, shown, edges, edge_colours, edge_shown, thickness: int):
   """One image [H, W, 3] with box outlines (colour per box) over edge segments between box
   centres (`edges` [E, 2] box indices, a colour each); `shown` / `edge_shown` bool."""
   height, width = image.shape[:2]
   ys, xs = jnp.meshgrid(jnp.arange(height), jnp.arange(width), indexing="ij")
   points = jnp.stack([ys, xs], -1).astype(jnp.float32) + 0.5
   centres = jnp.stack([boxes[:, 0] + boxes[:, 2], boxes[:, 1] + boxes[:, 3]], -1) / 2.0
-  on_edge = _segment_distance(points, centres[edges[:, 0]], centres[edges[:, 1]]) \
-      <= thickness / 2.0
+  on_edge = _segment_distance(points, centres[edges[:, 0]], centres[edges[:, 1]]) <= thickness / 2.0
   for e in range(edges.shape[0]):
     image = jnp.where((on_edge[e] & edge_shown[e])[..., None], edge_colours[e], image)
   for b in range(boxes.shape[0]):
     y0, x0, y1, x1 = boxes[b]
     inside = (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)
-    border = inside & ((ys < y0 + thickness) | (ys >= y1 - thickness)
-                       | (xs < x0 + thickness) | (xs >= x1 - thickness))
+    border = inside & (
+      (ys < y0 + thickness)
+      | (ys >= y1 - thickness)
+      | (xs < x0 + thickness)
+      | (xs >= x1 - thickness)
+    )
     image = jnp.where((border & shown[b])[..., None], colours[b], image)
   return image
 
@@ -359,8 +379,9 @@ def _visualise(model, variables, images, masks, rng, cfg):
   background = _background((0,), cfg)
   patches = sample_patches(k_patches, masks.astype(jnp.int32), cfg, background)
   graphs = jax.vmap(build_graph)(jax.random.split(k_graph, n), patches["labels"])
-  palette = augment.normalize(jnp.asarray(viz.make_palette(max(model.num_classes, 1)),
-                                          jnp.float32) / 255.0)
+  palette = augment.normalize(
+    jnp.asarray(viz.make_palette(max(model.num_classes, 1)), jnp.float32) / 255.0
+  )
   white = augment.normalize(jnp.ones((3,), jnp.float32))
   thickness = max(1, round(min(height, width) / 128))
   node = patches["labels"] != IGNORE_INDEX
@@ -368,18 +389,36 @@ def _visualise(model, variables, images, masks, rng, cfg):
 
   def draw(image, boxes, labels, shown, partner, has, edge_colours):
     edges = jnp.stack([jnp.arange(boxes.shape[0]), partner], -1)
-    return draw_patches(image, boxes, palette[labels], shown, edges, edge_colours,
-                        has & shown, thickness)
+    return draw_patches(
+      image, boxes, palette[labels], shown, edges, edge_colours, has & shown, thickness
+    )
 
-  trees = jax.vmap(draw)(images, patches["boxes"], patches["labels"], node,
-                         graphs["positive"], graphs["has_positive"],
-                         palette[patches["labels"]])
-  negatives = jax.vmap(draw)(images, patches["boxes"], patches["labels"], node,
-                             graphs["negative"], graphs["has_negative"],
-                             jnp.broadcast_to(white, (*index.shape, 3)))
+  trees = jax.vmap(draw)(
+    images,
+    patches["boxes"],
+    patches["labels"],
+    node,
+    graphs["positive"],
+    graphs["has_positive"],
+    palette[patches["labels"]],
+  )
+  negatives = jax.vmap(draw)(
+    images,
+    patches["boxes"],
+    patches["labels"],
+    node,
+    graphs["negative"],
+    graphs["has_negative"],
+    jnp.broadcast_to(white, (*index.shape, 3)),
+  )
   return {"triplet": jnp.stack([images, trees, negatives], axis=1)}
 
 
 OBJECTIVE = objective_lib.Objective(
-    name="triplet", heads=_heads, loss=_loss, validate=triplet_config.validate,
-    visualise=_visualise, replaces_base=_replaces_base)
+  name="triplet",
+  heads=_heads,
+  loss=_loss,
+  validate=triplet_config.validate,
+  visualise=_visualise,
+  replaces_base=_replaces_base,
+)

@@ -58,33 +58,76 @@ def validate(config) -> None:
   cfg = config.losses.triplet
   key = "losses.triplet."
   require(cfg.weight > 0, key + "weight", cfg.weight, "a number > 0")
-  require(isinstance(cfg.patches_per_image, int) and cfg.patches_per_image >= 2,
-          key + "patches_per_image", cfg.patches_per_image, "an integer >= 2")
-  require(0 <= cfg.background_share < 1, key + "background_share", cfg.background_share,
-          "a share in [0, 1)")
+  require(
+    isinstance(cfg.patches_per_image, int) and cfg.patches_per_image >= 2,
+    key + "patches_per_image",
+    cfg.patches_per_image,
+    "an integer >= 2",
+  )
+  require(
+    0 <= cfg.background_share < 1,
+    key + "background_share",
+    cfg.background_share,
+    "a share in [0, 1)",
+  )
   if cfg.background_share > 0:
-    require(max(1, int(cfg.background_share * cfg.patches_per_image)) < cfg.patches_per_image,
-            key + "background_share", cfg.background_share,
-            "a share that leaves at least one object-centred patch per image")
+    require(
+      max(1, int(cfg.background_share * cfg.patches_per_image)) < cfg.patches_per_image,
+      key + "background_share",
+      cfg.background_share,
+      "a share that leaves at least one object-centred patch per image",
+    )
   lo, hi = cfg.side_range
-  require(isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi, key + "side_range",
-          tuple(cfg.side_range), "(min, max) integers with 1 <= min <= max")
-  require(isinstance(cfg.fixed_side, int) and cfg.fixed_side >= 0, key + "fixed_side",
-          cfg.fixed_side, "an integer >= 0 (0 = draw sides from side_range)")
-  require(isinstance(cfg.reference_crop, int) and cfg.reference_crop > 0,
-          key + "reference_crop", cfg.reference_crop, "a positive integer (the paper: 512)")
+  require(
+    isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi,
+    key + "side_range",
+    tuple(cfg.side_range),
+    "(min, max) integers with 1 <= min <= max",
+  )
+  require(
+    isinstance(cfg.fixed_side, int) and cfg.fixed_side >= 0,
+    key + "fixed_side",
+    cfg.fixed_side,
+    "an integer >= 0 (0 = draw sides from side_range)",
+  )
+  require(
+    isinstance(cfg.reference_crop, int) and cfg.reference_crop > 0,
+    key + "reference_crop",
+    cfg.reference_crop,
+    "a positive integer (the paper: 512)",
+  )
   require(0 < cfg.max_covered <= 1, key + "max_covered", cfg.max_covered, "a share in (0, 1]")
-  require(isinstance(cfg.candidates_per_patch, int) and cfg.candidates_per_patch >= 1,
-          key + "candidates_per_patch", cfg.candidates_per_patch, "an integer >= 1")
+  require(
+    isinstance(cfg.candidates_per_patch, int) and cfg.candidates_per_patch >= 1,
+    key + "candidates_per_patch",
+    cfg.candidates_per_patch,
+    "an integer >= 1",
+  )
   require(cfg.margin > 0, key + "margin", cfg.margin, "a number > 0")
   require(cfg.features in FEATURES, key + "features", cfg.features, f"one of {FEATURES}")
-  require(isinstance(cfg.embedding_dim, int) and cfg.embedding_dim >= 1,
-          key + "embedding_dim", cfg.embedding_dim, "an integer >= 1")
-  require(not cfg.on_unlabelled or config.method != "supervised", key + "on_unlabelled",
-          cfg.on_unlabelled, "False with method='supervised' (unlabelled patches are labelled "
-          "by the teacher's pseudo-labels)")
-  require(not cfg.only or config.method == "supervised", key + "only", cfg.only,
-          "False, or method='supervised' (tuning on the triplet loss alone trains no "
-          "teacher, so pseudo-labels would never improve)")
-  require(all(int(c) >= 0 for c in cfg.background_classes), key + "background_classes",
-          tuple(cfg.background_classes), "class indices >= 0 (empty = the dataset's own)")
+  require(
+    isinstance(cfg.embedding_dim, int) and cfg.embedding_dim >= 1,
+    key + "embedding_dim",
+    cfg.embedding_dim,
+    "an integer >= 1",
+  )
+  require(
+    not cfg.on_unlabelled or config.method != "supervised",
+    key + "on_unlabelled",
+    cfg.on_unlabelled,
+    "False with method='supervised' (unlabelled patches are labelled "
+    "by the teacher's pseudo-labels)",
+  )
+  require(
+    not cfg.only or config.method == "supervised",
+    key + "only",
+    cfg.only,
+    "False, or method='supervised' (tuning on the triplet loss alone trains no "
+    "teacher, so pseudo-labels would never improve)",
+  )
+  require(
+    all(int(c) >= 0 for c in cfg.background_classes),
+    key + "background_classes",
+    tuple(cfg.background_classes),
+    "class indices >= 0 (empty = the dataset's own)",
+  )

@@ -47,8 +47,10 @@ class Method:
   def encoder_images(self, n_l: int, n_u: int, teacher_source: str) -> dict[str, int]:
     """Images through the encoder per step: {"student": train-mode, "teacher": inference}."""
     semi = self.num_strong_views > 0
-    return {"student": n_l + (self.encoder_passes_per_unlabelled * n_u if semi else 0),
-            "teacher": n_u if semi and teacher_source == "ema" else 0}
+    return {
+      "student": n_l + (self.encoder_passes_per_unlabelled * n_u if semi else 0),
+      "teacher": n_u if semi and teacher_source == "ema" else 0,
+    }
 
 
 @flax.struct.dataclass
@@ -67,19 +69,19 @@ class Targets:
   confidence, a weight (1 unless an objective's target hook changes it) and the logits
   the labels came from (teacher or student weak pass, no gradient)."""
 
-  pseudo: jax.Array       # int32 [n, H, W]
-  confidence: jax.Array   # float32 [n, H, W]
-  weight: jax.Array       # float32 [n, H, W]
-  logits: jax.Array       # float32 [n, H, W, K]
+  pseudo: jax.Array  # int32 [n, H, W]
+  confidence: jax.Array  # float32 [n, H, W]
+  weight: jax.Array  # float32 [n, H, W]
+  logits: jax.Array  # float32 [n, H, W, K]
 
 
 @dataclasses.dataclass(frozen=True)
 class MethodResult:
-  total: jax.Array               # the base method's weighted loss
-  losses: dict                   # its named loss terms (logged)
-  features: dict                 # pass group name ("labelled", "weak", "strong1", ...) -> Features
-  views: tuple                   # StrongViews, with labels and fused features
-  targets: Targets | None        # the weak view's training targets (no gradient)
+  total: jax.Array  # the base method's weighted loss
+  losses: dict  # its named loss terms (logged)
+  features: dict  # pass group name ("labelled", "weak", "strong1", ...) -> Features
+  views: tuple  # StrongViews, with labels and fused features
+  targets: Targets | None  # the weak view's training targets (no gradient)
 
 
 class StudentPasses:
@@ -97,9 +99,14 @@ class StudentPasses:
   def __call__(self, images, fn=None):
     key = jax.random.fold_in(self.dropout_key, self.count)
     self.count += 1
-    out, mutated = self.model.apply({"params": self.params, "batch_stats": self.batch_stats},
-                                    images, train=True, mutable=["batch_stats"], method=fn,
-                                    rngs={"dropout": key})
+    out, mutated = self.model.apply(
+      {"params": self.params, "batch_stats": self.batch_stats},
+      images,
+      train=True,
+      mutable=["batch_stats"],
+      method=fn,
+      rngs={"dropout": key},
+    )
     self.batch_stats = mutated["batch_stats"]
     return out
 
@@ -120,9 +127,9 @@ class Unlabelled:
   objective's target hook in registry order (`refine`).
   """
 
-  weak: jax.Array               # normalised weak view [n_u, H, W, 3]
-  valid: jax.Array              # float32 [n_u, H, W]
-  views: tuple                  # StrongViews without labels
+  weak: jax.Array  # normalised weak view [n_u, H, W, 3]
+  valid: jax.Array  # float32 [n_u, H, W]
+  views: tuple  # StrongViews without labels
   teacher_logits: jax.Array | None  # EMA teacher logits of the weak view, or None
   refine: Callable[[Targets], Targets] = lambda targets: targets
 
@@ -130,11 +137,12 @@ class Unlabelled:
     if self.teacher_logits is not None:
       logits = self.teacher_logits
     else:
-      logits = pass_logits[offset:offset + self.weak.shape[0]]
+      logits = pass_logits[offset : offset + self.weak.shape[0]]
     logits = jax.lax.stop_gradient(logits).astype(jnp.float32)
     pseudo, confidence = consistency.pseudo_labels(logits)
-    return self.refine(Targets(pseudo=pseudo, confidence=confidence,
-                               weight=jnp.ones_like(confidence), logits=logits))
+    return self.refine(
+      Targets(pseudo=pseudo, confidence=confidence, weight=jnp.ones_like(confidence), logits=logits)
+    )
 
   def labelled_views(self, targets: Targets):
     return tuple(with_targets(v, targets) for v in self.views)
@@ -144,14 +152,14 @@ class Unlabelled:
 class StrongView:
   """One strong view of the unlabelled batch as the base method saw it (a pytree)."""
 
-  image: jax.Array       # normalised student input [n, H, W, 3]
-  clean: jax.Array       # the clean weak image under the same CutMix, normalised
-  valid: jax.Array       # float32 [n, H, W]: 0 where the crop was padded
-  box: jax.Array         # bool [n, H, W]: where the CutMix partner was pasted
-  pseudo: jax.Array | None = None      # weak-view labels int32 [n, H, W], CutMixed
+  image: jax.Array  # normalised student input [n, H, W, 3]
+  clean: jax.Array  # the clean weak image under the same CutMix, normalised
+  valid: jax.Array  # float32 [n, H, W]: 0 where the crop was padded
+  box: jax.Array  # bool [n, H, W]: where the CutMix partner was pasted
+  pseudo: jax.Array | None = None  # weak-view labels int32 [n, H, W], CutMixed
   confidence: jax.Array | None = None  # their confidence float32 [n, H, W]
-  weight: jax.Array | None = None      # their loss weight float32 [n, H, W]
-  features: jax.Array | None = None    # the student's fused stride-4 decoder features
+  weight: jax.Array | None = None  # their loss weight float32 [n, H, W]
+  features: jax.Array | None = None  # the student's fused stride-4 decoder features
 
 
 def strong_views(key, unit_images, valid, config) -> StrongView:
@@ -169,17 +177,24 @@ def strong_views(key, unit_images, valid, config) -> StrongView:
   k_photo, k_box = jax.random.split(key)
   aug = config.augment
   views = jax.vmap(lambda k, x: augment.strong_photometric(k, x, aug))(
-      jax.random.split(k_photo, n), unit_images)
-  boxes = jax.vmap(lambda k: augment.cutmix_box(
-      k, h, w, tuple(aug.cutmix_area), tuple(aug.cutmix_aspect), aug.cutmix_p))(
-          jax.random.split(k_box, n))
+    jax.random.split(k_photo, n), unit_images
+  )
+  boxes = jax.vmap(
+    lambda k: augment.cutmix_box(
+      k, h, w, tuple(aug.cutmix_area), tuple(aug.cutmix_aspect), aug.cutmix_p
+    )
+  )(jax.random.split(k_box, n))
   partner = augment.cutmix_partners(n)
 
   def mix(own):
     return augment.paste(boxes, own, own[partner])
 
-  return StrongView(image=augment.normalize(mix(views)),
-                    clean=augment.normalize(mix(unit_images)), valid=mix(valid), box=boxes)
+  return StrongView(
+    image=augment.normalize(mix(views)),
+    clean=augment.normalize(mix(unit_images)),
+    valid=mix(valid),
+    box=boxes,
+  )
 
 
 def with_targets(view: StrongView, targets: Targets) -> StrongView:
@@ -189,14 +204,16 @@ def with_targets(view: StrongView, targets: Targets) -> StrongView:
   def mix(own):
     return augment.paste(view.box, own, own[partner])
 
-  return dataclasses.replace(view, pseudo=mix(targets.pseudo),
-                             confidence=mix(targets.confidence), weight=mix(targets.weight))
+  return dataclasses.replace(
+    view, pseudo=mix(targets.pseudo), confidence=mix(targets.confidence), weight=mix(targets.weight)
+  )
 
 
 def view_loss(logits, view: StrongView, threshold: float):
   """The pseudo-label loss of one strong view's student logits."""
-  return consistency.pseudo_label_loss(logits, view.pseudo, view.confidence, view.valid,
-                                       threshold, weight=view.weight)
+  return consistency.pseudo_label_loss(
+    logits, view.pseudo, view.confidence, view.valid, threshold, weight=view.weight
+  )
 
 
 def channel_dropout(key, features, rate):
@@ -220,5 +237,9 @@ def decoded(module, images, low, high, decoder_low, decoder_high, train):
   """Decoder output for possibly perturbed features, as a pass output dict (the clean
   encoder features under "low"/"high")."""
   out = module.decode(decoder_low, decoder_high, train=train)
-  return {"logits": segmenter.upsample_logits(out["logits"], images.shape[1:3]),
-          "features": out["features"], "low": low, "high": high}
+  return {
+    "logits": segmenter.upsample_logits(out["logits"], images.shape[1:3]),
+    "features": out["features"],
+    "low": low,
+    "high": high,
+  }

@@ -12,5 +12,11 @@ def run(passes, x_l, y_l, unlabelled, keys, config):
   return base.MethodResult(loss_sup, {"loss_sup": loss_sup}, features, (), None)
 
 
-METHOD = base.Method(name="supervised", num_strong_views=0, passes=("[labelled]",),
-                     encoder_passes_per_unlabelled=0, has_weak_pass=False, run=run)
+METHOD = base.Method(
+  name="supervised",
+  num_strong_views=0,
+  passes=("[labelled]",),
+  encoder_passes_per_unlabelled=0,
+  has_weak_pass=False,
+  run=run,
+)

@@ -28,34 +28,54 @@ def run(passes, x_l, y_l, u, keys, config):
     k_low, k_high = jax.random.split(keys["fp"])
     low_fp = base.channel_dropout(k_low, low[fp_from:], semi.fp_dropout)
     high_fp = base.channel_dropout(k_high, high[fp_from:], semi.fp_dropout)
-    return base.decoded(module, images, low, high, jnp.concatenate([low, low_fp]),
-                        jnp.concatenate([high, high_fp]), train)
+    return base.decoded(
+      module,
+      images,
+      low,
+      high,
+      jnp.concatenate([low, low_fp]),
+      jnp.concatenate([high, high_fp]),
+      train,
+    )
 
   out1 = passes(jnp.concatenate([x_l, u.weak]), encode_decode_fp)
   n_1 = n_l + n_u
-  logits_fp = out1["logits"][n_1 + n_l - fp_from:]
+  logits_fp = out1["logits"][n_1 + n_l - fp_from :]
   targets = u.targets_from(out1["logits"], n_l)
   s1, s2 = u.labelled_views(targets)
   out2 = passes(jnp.concatenate([s1.image, s2.image]))
   losses = {
-      "loss_sup": supervised_losses.labelled_loss(out1["logits"][:n_l], y_l, config.losses),
-      "loss_s1": base.view_loss(out2["logits"][:n_u], s1, semi.threshold),
-      "loss_s2": base.view_loss(out2["logits"][n_u:], s2, semi.threshold),
-      "loss_fp": consistency.pseudo_label_loss(logits_fp, targets.pseudo, targets.confidence,
-                                               u.valid, semi.threshold, weight=targets.weight),
+    "loss_sup": supervised_losses.labelled_loss(out1["logits"][:n_l], y_l, config.losses),
+    "loss_s1": base.view_loss(out2["logits"][:n_u], s1, semi.threshold),
+    "loss_s2": base.view_loss(out2["logits"][n_u:], s2, semi.threshold),
+    "loss_fp": consistency.pseudo_label_loss(
+      logits_fp, targets.pseudo, targets.confidence, u.valid, semi.threshold, weight=targets.weight
+    ),
   }
-  total = 0.5 * (losses["loss_sup"] + 0.25 * losses["loss_s1"] + 0.25 * losses["loss_s2"]
-                 + 0.5 * losses["loss_fp"])
-  features = {"labelled": base.features_of(out1, slice(None, n_l)),
-              "weak": base.features_of(out1, slice(n_l, n_1)),
-              "strong1": base.features_of(out2, slice(None, n_u)),
-              "strong2": base.features_of(out2, slice(n_u, None))}
-  views = (dataclasses.replace(s1, features=out2["features"][:n_u]),
-           dataclasses.replace(s2, features=out2["features"][n_u:]))
+  total = 0.5 * (
+    losses["loss_sup"]
+    + 0.25 * losses["loss_s1"]
+    + 0.25 * losses["loss_s2"]
+    + 0.5 * losses["loss_fp"]
+  )
+  features = {
+    "labelled": base.features_of(out1, slice(None, n_l)),
+    "weak": base.features_of(out1, slice(n_l, n_1)),
+    "strong1": base.features_of(out2, slice(None, n_u)),
+    "strong2": base.features_of(out2, slice(n_u, None)),
+  }
+  views = (
+    dataclasses.replace(s1, features=out2["features"][:n_u]),
+    dataclasses.replace(s2, features=out2["features"][n_u:]),
+  )
   return base.MethodResult(total, losses, features, views, targets)
 
 
-METHOD = base.Method(name="unimatch", num_strong_views=2,
-                     passes=("[labelled; weak] (+ feature-perturbed copies in the decoder)",
-                             "[strong1; strong2]"),
-                     encoder_passes_per_unlabelled=3, has_weak_pass=True, run=run)
+METHOD = base.Method(
+  name="unimatch",
+  num_strong_views=2,
+  passes=("[labelled; weak] (+ feature-perturbed copies in the decoder)", "[strong1; strong2]"),
+  encoder_passes_per_unlabelled=3,
+  has_weak_pass=True,
+  run=run,
+)

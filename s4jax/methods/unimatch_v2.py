@@ -21,26 +21,42 @@ def run(passes, x_l, y_l, u, keys, config):
     k_low, k_high = jax.random.split(keys["comp"])
     low1, low2 = base.complementary_dropout(k_low, low[:n_u], low[n_u:])
     high1, high2 = base.complementary_dropout(k_high, high[:n_u], high[n_u:])
-    return base.decoded(module, images, low, high, jnp.concatenate([low1, low2]),
-                        jnp.concatenate([high1, high2]), train)
+    return base.decoded(
+      module,
+      images,
+      low,
+      high,
+      jnp.concatenate([low1, low2]),
+      jnp.concatenate([high1, high2]),
+      train,
+    )
 
   targets = u.targets_from(None, 0)  # V2 has no weak pass: the EMA teacher's labels
   s1, s2 = u.labelled_views(targets)
   out = passes(jnp.concatenate([s1.image, s2.image]), encode_decode_comp)
   losses = {
-      "loss_sup": supervised_losses.labelled_loss(out_l["logits"], y_l, config.losses),
-      "loss_s1": base.view_loss(out["logits"][:n_u], s1, semi.threshold),
-      "loss_s2": base.view_loss(out["logits"][n_u:], s2, semi.threshold),
+    "loss_sup": supervised_losses.labelled_loss(out_l["logits"], y_l, config.losses),
+    "loss_s1": base.view_loss(out["logits"][:n_u], s1, semi.threshold),
+    "loss_s2": base.view_loss(out["logits"][n_u:], s2, semi.threshold),
   }
   total = 0.5 * (losses["loss_sup"] + 0.5 * (losses["loss_s1"] + losses["loss_s2"]))
-  features = {"labelled": base.features_of(out_l, slice(None)),
-              "strong1": base.features_of(out, slice(None, n_u)),
-              "strong2": base.features_of(out, slice(n_u, None))}
-  views = (dataclasses.replace(s1, features=out["features"][:n_u]),
-           dataclasses.replace(s2, features=out["features"][n_u:]))
+  features = {
+    "labelled": base.features_of(out_l, slice(None)),
+    "strong1": base.features_of(out, slice(None, n_u)),
+    "strong2": base.features_of(out, slice(n_u, None)),
+  }
+  views = (
+    dataclasses.replace(s1, features=out["features"][:n_u]),
+    dataclasses.replace(s2, features=out["features"][n_u:]),
+  )
   return base.MethodResult(total, losses, features, views, targets)
 
 
-METHOD = base.Method(name="unimatch_v2", num_strong_views=2,
-                     passes=("[labelled]", "[strong1; strong2] (complementary dropout)"),
-                     encoder_passes_per_unlabelled=2, has_weak_pass=False, run=run)
+METHOD = base.Method(
+  name="unimatch_v2",
+  num_strong_views=2,
+  passes=("[labelled]", "[strong1; strong2] (complementary dropout)"),
+  encoder_passes_per_unlabelled=2,
+  has_weak_pass=False,
+  run=run,
+)

@@ -66,15 +66,16 @@ def torch_to_flax(state_dict, source: str = "the weights") -> dict:
   for name, value in state_dict.items():
     for prefix in _PREFIXES:
       if name.startswith(prefix):
-        name = name[len(prefix):]
+        name = name[len(prefix) :]
     if _IGNORED.match(name):
       continue
     *module, leaf = name.split(".")
     path = _module_path(module)
     if path is None:
       raise ConfigError(
-          f"{source}: parameter {name!r} is not part of a torchvision/UniMatch ResNet "
-          "backbone. config.model.pretrained expects such a file (see s4jax/models/convert.py).")
+        f"{source}: parameter {name!r} is not part of a torchvision/UniMatch ResNet "
+        "backbone. config.model.pretrained expects such a file (see s4jax/models/convert.py)."
+      )
     value = np.asarray(value, np.float32)
     is_conv = path[-1].startswith("conv") or path[-1] == "downsample_conv"
     if leaf == "weight" and is_conv:
@@ -103,8 +104,7 @@ def _torch_module(path: tuple[str, ...]) -> str:
   if len(path) == 1:
     return _STEM_NAMES.get(path[0], path[0])
   layer, block = path[0].split("_")
-  inner = {"downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}.get(
-      path[1], path[1])
+  inner = {"downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}.get(path[1], path[1])
   return f"{layer}.{block}.{inner}"
 
 
@@ -140,9 +140,11 @@ def read_state_dict(path: str) -> dict:
   or a pickle that would run code (models/torch_file.py).
   """
   if not os.path.isfile(path):
-    raise ConfigError(f"config.model.pretrained={path!r} is not a file. Give the path of a "
-                      "weights file (.pth/.pt, .npz or .safetensors), or 'imagenet' for the "
-                      "pip-installed weights of mobilenet_v2 / efficientnet_lite0.")
+    raise ConfigError(
+      f"config.model.pretrained={path!r} is not a file. Give the path of a "
+      "weights file (.pth/.pt, .npz or .safetensors), or 'imagenet' for the "
+      "pip-installed weights of mobilenet_v2 / efficientnet_lite0."
+    )
   return torch_file.read_weights(path)
 
 
@@ -152,15 +154,19 @@ def _merge(ours, theirs, source, where):
   for key, value in theirs.items():
     path = f"{where}/{key}"
     if key not in ours:
-      raise ConfigError(f"{source}: {path} does not exist in the model (config.model.backbone "
-                        "or model.deep_stem does not match the weights?).")
+      raise ConfigError(
+        f"{source}: {path} does not exist in the model (config.model.backbone "
+        "or model.deep_stem does not match the weights?)."
+      )
     if isinstance(value, dict):
       merged[key] = _merge(ours[key], value, source, path)
     else:
       if tuple(np.shape(ours[key])) != tuple(value.shape):
-        raise ConfigError(f"{source}: {path} has shape {tuple(value.shape)} in the file but "
-                          f"{tuple(np.shape(ours[key]))} in the model (config.model.width or "
-                          "backbone does not match the weights?).")
+        raise ConfigError(
+          f"{source}: {path} has shape {tuple(value.shape)} in the file but "
+          f"{tuple(np.shape(ours[key]))} in the model (config.model.width or "
+          "backbone does not match the weights?)."
+        )
       merged[key] = value
   return merged
 
@@ -186,19 +192,23 @@ def load_backbone(path: str, params: dict, batch_stats: dict) -> tuple[dict, dic
   layout = imagenet.detect_layout(imagenet.strip_prefixes(n) for n in state_dict)
   if layout not in (None, "resnet"):
     family, description = imagenet.LAYOUTS[layout]
-    raise ConfigError(f"{path}: holds {description} weights, but config.model.backbone builds "
-                      f"a ResNet. Set --config.model.backbone={family} or give ResNet weights.")
+    raise ConfigError(
+      f"{path}: holds {description} weights, but config.model.backbone builds "
+      f"a ResNet. Set --config.model.backbone={family} or give ResNet weights."
+    )
   converted = torch_to_flax(state_dict, source=path)
   backbone_params = _merge(params["backbone"], converted["params"], path, "params/backbone")
-  backbone_stats = _merge(batch_stats["backbone"], converted["batch_stats"], path,
-                          "batch_stats/backbone")
+  backbone_stats = _merge(
+    batch_stats["backbone"], converted["batch_stats"], path, "batch_stats/backbone"
+  )
   expected = _count(params["backbone"]) + _count(batch_stats["backbone"])
   found = _count(converted["params"]) + _count(converted["batch_stats"])
   if found != expected:
-    raise ConfigError(f"{path}: holds {found} of the backbone's {expected} parameters and "
-                      "statistics (config.model.backbone or model.deep_stem does not match?).")
-  return ({**params, "backbone": backbone_params},
-          {**batch_stats, "backbone": backbone_stats})
+    raise ConfigError(
+      f"{path}: holds {found} of the backbone's {expected} parameters and "
+      "statistics (config.model.backbone or model.deep_stem does not match?)."
+    )
+  return ({**params, "backbone": backbone_params}, {**batch_stats, "backbone": backbone_stats})
 
 
 def main(argv):
@@ -210,8 +220,10 @@ def main(argv):
   if layout in (None, "resnet"):
     torch_to_flax(state_dict, source=argv[1])  # fail now, not when training starts
   # .npz has no bfloat16: keep such tensors as float32.
-  np.savez(argv[2], **{k: v.astype(np.float32) if v.dtype.name == "bfloat16" else v
-                       for k, v in state_dict.items()})
+  np.savez(
+    argv[2],
+    **{k: v.astype(np.float32) if v.dtype.name == "bfloat16" else v for k, v in state_dict.items()},
+  )
   print(f"wrote {argv[2]} ({len(state_dict)} arrays)")
   return 0
 

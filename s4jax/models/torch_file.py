@@ -38,26 +38,34 @@ _ZIP_LOCAL_HEADER = b"PK\x03\x04"
 
 # torch storage class -> element dtype (little-endian; swapped for big-endian files).
 _STORAGE_DTYPES = {
-    "DoubleStorage": np.dtype("<f8"),
-    "FloatStorage": np.dtype("<f4"),
-    "HalfStorage": np.dtype("<f2"),
-    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
-    "LongStorage": np.dtype("<i8"),
-    "IntStorage": np.dtype("<i4"),
-    "ShortStorage": np.dtype("<i2"),
-    "CharStorage": np.dtype("i1"),
-    "ByteStorage": np.dtype("u1"),
-    "BoolStorage": np.dtype("?"),
+  "DoubleStorage": np.dtype("<f8"),
+  "FloatStorage": np.dtype("<f4"),
+  "HalfStorage": np.dtype("<f2"),
+  "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+  "LongStorage": np.dtype("<i8"),
+  "IntStorage": np.dtype("<i4"),
+  "ShortStorage": np.dtype("<i2"),
+  "CharStorage": np.dtype("i1"),
+  "ByteStorage": np.dtype("u1"),
+  "BoolStorage": np.dtype("?"),
 }
 _SAFETENSORS_DTYPES = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
-    "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
+  "F64": np.dtype("<f8"),
+  "F32": np.dtype("<f4"),
+  "F16": np.dtype("<f2"),
+  "BF16": np.dtype(ml_dtypes.bfloat16),
+  "I64": np.dtype("<i8"),
+  "I32": np.dtype("<i4"),
+  "I16": np.dtype("<i2"),
+  "I8": np.dtype("i1"),
+  "U8": np.dtype("u1"),
+  "BOOL": np.dtype("?"),
 }
 # Keys under which training scripts commonly nest the weights in a checkpoint dict.
 _NESTED_STATE_KEYS = ("state_dict", "model_state_dict", "model", "net")
-_NOT_A_WEIGHTS_FILE = ("is not a PyTorch checkpoint (zip or legacy torch.save), .npz or "
-                       ".safetensors file")
+_NOT_A_WEIGHTS_FILE = (
+  "is not a PyTorch checkpoint (zip or legacy torch.save), .npz or .safetensors file"
+)
 
 
 class _StorageType:
@@ -105,19 +113,18 @@ def _rebuild_from_type(func, new_type, args, state):
 
 
 _ALLOWED_GLOBALS = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type,
-    ("torch", "Tensor"): _TypeMarker,
-    ("torch.nn.parameter", "Parameter"): _TypeMarker,
+  ("collections", "OrderedDict"): collections.OrderedDict,
+  ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+  ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+  ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+  ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+  ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type,
+  ("torch", "Tensor"): _TypeMarker,
+  ("torch.nn.parameter", "Parameter"): _TypeMarker,
 }
 
 
 class _RefusedGlobal(Exception):
-
   def __init__(self, module, name):
     super().__init__(f"{module}.{name}")
     self.qualified = f"{module}.{name}"
@@ -139,8 +146,12 @@ class _TensorUnpickler(pickle.Unpickler):
     raise _RefusedGlobal(module, name)
 
   def persistent_load(self, pid):
-    if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"
-            and isinstance(pid[1], _StorageType)):
+    if not (
+      isinstance(pid, tuple)
+      and len(pid) in (5, 6)
+      and pid[0] == "storage"
+      and isinstance(pid[1], _StorageType)
+    ):
       raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}")
     _, storage_type, key, _, numel, *view = pid
     dtype = storage_type.dtype.newbyteorder(">") if self.big_endian else storage_type.dtype
@@ -158,14 +169,25 @@ def _unpickle(unpickler: _TensorUnpickler, path: str):
     return unpickler.load()
   except _RefusedGlobal as e:
     raise DataError(
-        f"{path}: refusing to unpickle {e.qualified}: this reader rebuilds tensors only (only "
-        "tensor data is accepted), so it never runs code stored in a weights file. If you "
-        "trust the file, re-save its tensors alone (a state dict, .npz or .safetensors)."
+      f"{path}: refusing to unpickle {e.qualified}: this reader rebuilds tensors only (only "
+      "tensor data is accepted), so it never runs code stored in a weights file. If you "
+      "trust the file, re-save its tensors alone (a state dict, .npz or .safetensors)."
     ) from None
-  except (EOFError, pickle.UnpicklingError, struct.error, ValueError, TypeError,
-          AttributeError, IndexError, KeyError, OverflowError, RecursionError) as e:
-    raise DataError(f"{path}: the pickled data is truncated or corrupt ({e}). Download or "
-                    "write the file again.") from None
+  except (
+    EOFError,
+    pickle.UnpicklingError,
+    struct.error,
+    ValueError,
+    TypeError,
+    AttributeError,
+    IndexError,
+    KeyError,
+    OverflowError,
+    RecursionError,
+  ) as e:
+    raise DataError(
+      f"{path}: the pickled data is truncated or corrupt ({e}). Download or write the file again."
+    ) from None
 
 
 def _tensors(obj, path: str) -> dict:
@@ -178,8 +200,9 @@ def _tensors(obj, path: str) -> dict:
     found = {str(k): v for k, v in obj.items() if isinstance(v, _TensorRef)}
     if found:
       return found
-  raise DataError(f"{path}: holds no tensors by name (a {type(obj).__name__}, not a state "
-                  "dict of tensors).")
+  raise DataError(
+    f"{path}: holds no tensors by name (a {type(obj).__name__}, not a state dict of tensors)."
+  )
 
 
 def _materialise(tensor: _TensorRef, raw: dict, path: str, name: str) -> np.ndarray:
@@ -192,10 +215,12 @@ def _materialise(tensor: _TensorRef, raw: dict, path: str, name: str) -> np.ndar
     return np.zeros(tensor.size, storage.dtype.newbyteorder("="))
   last = start + sum((n - 1) * s for n, s in zip(tensor.size, tensor.stride))
   if start < 0 or last >= len(flat) or min(tensor.stride, default=0) < 0:
-    raise DataError(f"{path}: tensor {name!r} reaches past the end of its storage (a "
-                    "truncated or corrupt file).")
+    raise DataError(
+      f"{path}: tensor {name!r} reaches past the end of its storage (a truncated or corrupt file)."
+    )
   view = np.lib.stride_tricks.as_strided(
-      flat[start:], shape=tensor.size, strides=[s * itemsize for s in tensor.stride])
+    flat[start:], shape=tensor.size, strides=[s * itemsize for s in tensor.stride]
+  )
   return np.array(view, dtype=storage.dtype.newbyteorder("="))
 
 
@@ -204,8 +229,9 @@ def _materialise_all(tensors: dict, raw: dict, path: str) -> dict:
     return {name: _materialise(t, raw, path, name) for name, t in tensors.items()}
   except (TypeError, ValueError, AttributeError, KeyError, OverflowError) as e:
     # Only a crafted or damaged pickle gets here (e.g. a tensor rebuilt from odd values).
-    raise DataError(f"{path}: a tensor's description is inconsistent ({e}): a corrupt "
-                    "file.") from None
+    raise DataError(
+      f"{path}: a tensor's description is inconsistent ({e}): a corrupt file."
+    ) from None
 
 
 def _read_legacy(path: str) -> dict:
@@ -213,12 +239,15 @@ def _read_legacy(path: str) -> dict:
     header = _TensorUnpickler(f)
     magic = _unpickle(header, path)
     if magic != _LEGACY_MAGIC:
-      raise DataError(f"{path}: a Python pickle that {_NOT_A_WEIGHTS_FILE} (no torch.save "
-                      "magic number).")
+      raise DataError(
+        f"{path}: a Python pickle that {_NOT_A_WEIGHTS_FILE} (no torch.save magic number)."
+      )
     protocol = _unpickle(header, path)
     if protocol != _LEGACY_PROTOCOL:
-      raise DataError(f"{path}: legacy torch.save protocol {protocol!r} is not supported "
-                      f"(expected {_LEGACY_PROTOCOL}).")
+      raise DataError(
+        f"{path}: legacy torch.save protocol {protocol!r} is not supported "
+        f"(expected {_LEGACY_PROTOCOL})."
+      )
     sys_info = _unpickle(header, path)
     big_endian = isinstance(sys_info, dict) and sys_info.get("little_endian") is False
     main = _TensorUnpickler(f, big_endian=big_endian)
@@ -240,8 +269,10 @@ def _read_legacy(path: str) -> dict:
       nbytes = count * ref.dtype.itemsize
       data = f.read(nbytes)
       if len(data) < nbytes:
-        raise DataError(f"{path}: storage {key!r} is cut short ({len(data)} of {nbytes} "
-                        "bytes): the file is truncated. Download or write it again.")
+        raise DataError(
+          f"{path}: storage {key!r} is cut short ({len(data)} of {nbytes} "
+          "bytes): the file is truncated. Download or write it again."
+        )
       raw[str(key)] = data
   missing = sorted(set(main.storages) - set(raw))
   if missing:
@@ -250,7 +281,7 @@ def _read_legacy(path: str) -> dict:
 
 
 def _read_torch_zip(path: str, archive: zipfile.ZipFile, pickle_name: str) -> dict:
-  prefix = pickle_name[:-len("data.pkl")]
+  prefix = pickle_name[: -len("data.pkl")]
   names = set(archive.namelist())
   big_endian = False
   if f"{prefix}byteorder" in names:
@@ -263,8 +294,9 @@ def _read_torch_zip(path: str, archive: zipfile.ZipFile, pickle_name: str) -> di
   for key in unpickler.storages:
     member = f"{prefix}data/{key}"
     if member not in names:
-      raise DataError(f"{path}: storage {member} is missing from the archive (a truncated "
-                      "or corrupt file).")
+      raise DataError(
+        f"{path}: storage {member} is missing from the archive (a truncated or corrupt file)."
+      )
     raw[key] = archive.read(member)
   return _materialise_all(tensors, raw, path)
 
@@ -294,11 +326,14 @@ def _read_safetensors(path: str, header_size: int) -> dict:
       shape = tuple(int(s) for s in entry["shape"])
       begin, end = (int(x) for x in entry["data_offsets"])
     except (KeyError, TypeError, ValueError):
-      raise DataError(f"{path}: tensor {name!r} has an unreadable or unsupported header entry "
-                      f"{entry!r:.120}.") from None
+      raise DataError(
+        f"{path}: tensor {name!r} has an unreadable or unsupported header entry {entry!r:.120}."
+      ) from None
     if end > len(data) or end - begin != int(np.prod(shape)) * dtype.itemsize:
-      raise DataError(f"{path}: tensor {name!r} lies outside the data or does not match its "
-                      "shape (a truncated or corrupt file).")
+      raise DataError(
+        f"{path}: tensor {name!r} lies outside the data or does not match its "
+        "shape (a truncated or corrupt file)."
+      )
     out[name] = np.frombuffer(data[begin:end], dtype).reshape(shape).copy()
   return out
 
@@ -340,16 +375,21 @@ def read_weights(path: str) -> dict[str, np.ndarray]:
         if pickles:
           return _read_torch_zip(path, archive, min(pickles, key=len))
     except (zipfile.BadZipFile, OSError, EOFError) as e:
-      raise DataError(f"{path}: the zip archive is damaged ({e}); the file is probably "
-                      "truncated. Download or write it again.") from None
+      raise DataError(
+        f"{path}: the zip archive is damaged ({e}); the file is probably "
+        "truncated. Download or write it again."
+      ) from None
     if names and all(n.endswith(".npy") for n in names):
       return _read_npz(path)
-    raise DataError(f"{path}: a zip archive that {_NOT_A_WEIGHTS_FILE} (members such as "
-                    f"{names[:3]}).")
+    raise DataError(
+      f"{path}: a zip archive that {_NOT_A_WEIGHTS_FILE} (members such as {names[:3]})."
+    )
   if head.startswith(_ZIP_LOCAL_HEADER):
-    raise DataError(f"{path}: starts like a zip archive (a zip-format torch.save or .npz) but "
-                    "has no zip directory at its end: the file is truncated. Download or "
-                    "write it again.")
+    raise DataError(
+      f"{path}: starts like a zip archive (a zip-format torch.save or .npz) but "
+      "has no zip directory at its end: the file is truncated. Download or "
+      "write it again."
+    )
   if head[:1] == b"\x80":  # pickle protocol 2+ opcode: torch's legacy format starts so
     return _read_legacy(path)
   header_size = _safetensors_header_size(path, head)
