@@ -34,6 +34,7 @@ from s4jax import augment
 from s4jax import config_schema
 from s4jax import evaluate
 from s4jax import export as export_lib
+from s4jax import step as step_lib
 from s4jax import viz
 from s4jax.data import files
 from s4jax.errors import UserInputError
@@ -64,6 +65,7 @@ class Predictor:
     self.bundle = bundle
     self.options = options
     self.model = export_lib.build_model(bundle)
+    self._prediction_logits = step_lib.prediction_logits_fn(self.model, bundle.config)
     self.num_classes = bundle.num_classes
     config = bundle.config
     run_window, run_stride = config_schema.eval_window(config)
@@ -86,7 +88,8 @@ class Predictor:
     self._sliding = jax.jit(self._sliding_fn)
 
   def _logits(self, variables, images):
-    return self.model.apply(variables, images, train=False)["logits"]
+    # What evaluation scores: the network's logits after the run's objectives' eval hooks.
+    return self._prediction_logits(variables, images)
 
   def _whole_fn(self, variables, canvas_uint8, height, width):
     """Class indices of the [Hp, Wp] canvas whose top-left [height, width] is the image.

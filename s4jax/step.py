@@ -241,20 +241,31 @@ def make_train_step(model, tx, config, mesh, background_classes=(0,)):
   )
 
 
+def prediction_logits_fn(model, config):
+  """(variables, normalised images) -> the logits the method predicts: the network's, then
+  each enabled objective's eval hook in registry order (e.g. AuxSegNet's affinity-refined
+  prediction). Evaluation, the prediction grids and `s4jax.predict` all use it."""
+  refiners = [(o, cfg) for o, cfg in registry.enabled(config) if o.refine_eval is not None]
+
+  def logits_fn(variables, images):
+    logits = model.apply(variables, images, train=False)["logits"]
+    for objective, cfg in refiners:
+      logits = objective.refine_eval(model, variables, images, logits, cfg)
+    return logits
+
+  return logits_fn
+
+
 def make_eval_step(model, config, num_classes: int, mesh):
   """Jitted (variables, images, masks) -> summed confusion matrix of that batch."""
   window, stride = config_schema.eval_window(config)
 
-  refiners = [(o, cfg) for o, cfg in registry.enabled(config) if o.refine_eval is not None]
-
-  def apply_fn(variables, images):
-    logits = model.apply(variables, images, train=False)["logits"]
-    for objective, cfg in refiners:  # e.g. AuxSegNet scores its affinity-refined prediction
-      logits = objective.refine_eval(model, variables, images, logits, cfg)
-    return logits
-
   eval_fn = evaluate.make_eval_fn(
-    apply_fn, num_classes, mode=config.eval.mode, window=window, stride=stride
+    prediction_logits_fn(model, config),
+    num_classes,
+    mode=config.eval.mode,
+    window=window,
+    stride=stride,
   )
   return jax.jit(
     eval_fn,
@@ -267,11 +278,16 @@ def make_eval_step(model, config, num_classes: int, mesh):
   )
 
 
-def make_predict_fn(model, mesh):
-  """Jitted (variables, uint8 images) -> argmax predictions, for visualisation."""
+def make_predict_fn(model, mesh, config=None):
+  """Jitted (variables, uint8 images) -> argmax predictions, for visualisation; with
+  `config`, the prediction evaluation scores (`prediction_logits_fn`)."""
+  if config is None:
+    logits_fn = lambda v, x: model.apply(v, x, train=False)["logits"]  # noqa: E731
+  else:
+    logits_fn = prediction_logits_fn(model, config)
 
   def predict(variables, images_uint8):
-    logits = model.apply(variables, augment.normalize_uint8(images_uint8), train=False)["logits"]
+    logits = logits_fn(variables, augment.normalize_uint8(images_uint8))
     return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
 
   return jax.jit(

@@ -88,7 +88,7 @@ class Run:
       self.model, self.tx, config, self.mesh, background_classes=self.data.background_classes
     )
     self.eval_step = step_lib.make_eval_step(self.model, config, self.data.num_classes, self.mesh)
-    self.predict = step_lib.make_predict_fn(self.model, self.mesh)
+    self.predict = step_lib.make_predict_fn(self.model, self.mesh, config)
     self.writer = logs.MetricWriter(workdir, enabled=self.is_writer and training)
     self.param_norm = jax.jit(optax.tree.norm)
     self._visualise = None  # compiled on first use by objective_grids

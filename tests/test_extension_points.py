@@ -97,6 +97,9 @@ def probe_run(tmp_path_factory):
     results = train.train_and_evaluate(config, workdir)
     run = train.Run(config, workdir, training=False)
     restored = run.restore_saved("latest")
+    # The prediction grids' predictions (and s4jax.predict's, through the same function).
+    shown = run.predict(restored.student_variables(), run.first_eval_batch()["image"])
+    results = {**results, "grid_prediction": np.asarray(jax.device_get(shown))}
   finally:
     registry.unregister("probe")
   return config, results, restored, workdir
@@ -137,6 +140,8 @@ def test_target_hook_changes_what_the_unlabelled_loss_trains_on(probe_run):
 
 def test_eval_hook_decides_what_evaluation_scores(probe_run):
   _, results, _, _ = probe_run
+  # The pictures show what evaluation scores: the hook's class 1 everywhere.
+  assert (results["grid_prediction"] == 1).all()
   # Every pixel predicted as class 1: every other class has IoU 0, class 1 is its share.
   iou = {k: v for k, v in results.items() if k.startswith("eval/teacher_iou/")}
   assert iou, results.keys()
