@@ -11,8 +11,8 @@ The project's own real-image check (README.md, "Real images"): 591 photographs o
 
 Any method and objective runs from here: --config.method=supervised|fixmatch|unimatch|
 unimatch_v2, --config.losses.<objective>.enabled=True. The recipe is UniMatch V1's VOC one
-(configs/voc_base.py) scaled to the images: the crop is 321 x 213 / 375 ~ 192 px (MSRC's
-images are about 0.6 of VOC's), ImageNet backbone at a tenth of the head's learning rate,
+(configs/voc_base.py) scaled to the images: the crop is 321 x 0.6 ~ 192 px (MSRC's sides are
+0.57-0.64 of VOC's 500 x 375), ImageNet backbone at a tenth of the head's learning rate,
 batch 8 + 8.
 """
 
