@@ -23,6 +23,7 @@ from s4jax import compilation_cache
 from s4jax import errors
 from s4jax import logs
 from s4jax import train
+from s4jax.models import conv_ops
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -154,6 +155,7 @@ def main(argv):
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value)
   try:
     compilation_cache.enable(_COMPILATION_CACHE.value)
+    conv_ops.weight_grad_implementation()  # a bad S4JAX_CONV_WEIGHT_GRAD fails here, not in a trace
     if _MODE.value == "train":
       results = train.train_and_evaluate(
         config, _WORKDIR.value, overwrite=_OVERWRITE.value, stop_after=_STOP_AFTER.value

@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from s4jax.models import conv_ops
 from s4jax.models import resnet
 from s4jax.models.resnet import conv_kernel_init
 
@@ -53,6 +54,7 @@ def _conv(features: int, kernel: int, dilation: int, dtype: Any, name: str) -> n
   return nn.Conv(
     features,
     (kernel, kernel),
+    conv_general_dilated=conv_ops.conv_general_dilated,
     padding=((pad, pad), (pad, pad)),
     kernel_dilation=(dilation, dilation),
     use_bias=False,
@@ -184,6 +186,7 @@ class DeepLabV3PlusDecoder(nn.Module):
     logits = nn.Conv(
       self.num_classes,
       (1, 1),
+      conv_general_dilated=conv_ops.conv_general_dilated,
       use_bias=True,
       dtype=self.dtype,
       param_dtype=jnp.float32,

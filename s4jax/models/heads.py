@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from s4jax.models import conv_ops
 from s4jax.models import resnet
 from s4jax.models.resnet import conv_kernel_init
 
@@ -87,6 +88,7 @@ class ReconstructionHead(nn.Module):
       return nn.Conv(
         width,
         (kernel, kernel),
+        conv_general_dilated=conv_ops.conv_general_dilated,
         padding="SAME",
         dtype=self.dtype,
         param_dtype=jnp.float32,
@@ -112,6 +114,7 @@ def _conv(width, kernel, dtype, name, use_bias=True):
   return nn.Conv(
     width,
     (kernel, kernel),
+    conv_general_dilated=conv_ops.conv_general_dilated,
     padding="SAME",
     use_bias=use_bias,
     dtype=dtype,
@@ -183,6 +186,7 @@ class AffinityBranchHead(nn.Module):
         nn.Conv(
           self.channels,
           (3, 3),
+          conv_general_dilated=conv_ops.conv_general_dilated,
           padding="SAME",
           kernel_dilation=(rate, rate),
           dtype=self.dtype,

@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from s4jax.models import conv_ops
 from s4jax.models import resnet
 from s4jax.models.names import OUTPUT_STRIDES
 
@@ -128,6 +129,7 @@ def conv(
   return nn.Conv(
     features,
     (kernel, kernel),
+    conv_general_dilated=conv_ops.conv_general_dilated,
     strides=(stride, stride),
     padding=conv_padding(kernel, dilation, tf_same),
     kernel_dilation=(dilation, dilation),

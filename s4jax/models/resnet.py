@@ -42,6 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from s4jax.models import conv_ops
 from s4jax.models.names import OUTPUT_STRIDES
 
 RESNET_DEPTHS = (18, 34, 50, 101)
@@ -104,6 +105,7 @@ def _conv(
   return nn.Conv(
     features,
     (kernel, kernel),
+    conv_general_dilated=conv_ops.conv_general_dilated,
     strides=(stride, stride),
     padding=((pad, pad), (pad, pad)),
     kernel_dilation=(dilation, dilation),
