@@ -2,7 +2,8 @@
 
 XLA:CPU computes a convolution's forward pass and its input gradient at 100-230 GFLOP/s on
 the 2-core machines here, but the weight gradient (its "backward-filter" convolution, whose
-window is the whole output image) at 15-60: 3-8x the forward's time. The same gradient is a
+window is the whole output image) at 15-60: 3-8x the forward's time (benchmarks/conv_grad.py
+prints the three per layer shape). The same gradient is a
 sum of matrix products,
 
     dW[i, j, c, o] = sum over (n, y, x) of  X_pad[n, s*y + d*i, s*x + d*j, c] * dY[n, y, x, o]
