@@ -1,9 +1,9 @@
 """A convolution whose weight gradient is a matrix product on CPU.
 
-XLA:CPU computes a convolution's forward pass and its input gradient at 100-230 GFLOP/s on
-the 2-core machines here, but the weight gradient (its "backward-filter" convolution, whose
-window is the whole output image) at 15-60: 3-8x the forward's time (benchmarks/conv_grad.py
-prints the three per layer shape). The same gradient is a
+On the 2-core machines here XLA:CPU computes the weight gradient of a convolution (its
+"backward-filter" convolution, whose window is the whole output image) at 7-63 GFLOP/s:
+2.5-4x the time of its forward pass or its input gradient (ResNet-50 + DeepLabV3+ layers;
+benchmarks/conv_grad.py prints the three per layer shape). The same gradient is a
 sum of matrix products,
 
     dW[i, j, c, o] = sum over (n, y, x) of  X_pad[n, s*y + d*i, s*x + d*j, c] * dY[n, y, x, o]
@@ -11,8 +11,8 @@ sum of matrix products,
 (s the stride, d the dilation). `weight_grad_by_matmul` computes it one kernel row at a
 time: the k shifted views of row i, side by side, form an [N*H'*W', k*C] matrix whose
 transpose times dY [N*H'*W', O] is dW[i]. For a 1x1 convolution that is one product of the
-input and the cotangent as they are, 4-6x faster than XLA:CPU's backward-filter convolution;
-for k x k convolutions 1.1-2.7x, but XLA then holds 1.8x the temporaries (ResNet-50 +
+input and the cotangent as they are, 5-10x faster than XLA:CPU's backward-filter convolution;
+for k x k convolutions 1.1-2.8x, but XLA then holds 1.8x the temporaries (ResNet-50 +
 DeepLabV3+ at 321: 5.0 vs 2.6 GiB; the cause is not found: neither the padding copy nor
 the row matrices, nor the order of the two gradients). The forward pass and the input
 gradient stay XLA's; the result equals XLA's gradient up to float32 summation order.
