@@ -31,7 +31,6 @@ import jax.numpy as jnp
 
 from s4jax.models import conv_ops
 from s4jax.models import resnet
-from s4jax.models.resnet import conv_kernel_init
 
 # DeepLab's ASPP rates per output stride: doubled at OS 8, halved at OS 32
 # (so the receptive field in input pixels stays the same).
@@ -49,22 +48,6 @@ def aspp_rates_for_output_stride(output_stride: int) -> tuple[int, ...]:
   return _ASPP_RATES[output_stride]
 
 
-def _conv(features: int, kernel: int, dilation: int, dtype: Any, name: str) -> nn.Conv:
-  pad = dilation * (kernel - 1) // 2
-  return nn.Conv(
-    features,
-    (kernel, kernel),
-    conv_general_dilated=conv_ops.conv_general_dilated,
-    padding=((pad, pad), (pad, pad)),
-    kernel_dilation=(dilation, dilation),
-    use_bias=False,
-    dtype=dtype,
-    param_dtype=jnp.float32,
-    kernel_init=conv_kernel_init,
-    name=name,
-  )
-
-
 class ConvBNReLU(nn.Module):
   """Bias-free conv (``conv``) + BatchNorm (``bn``) + ReLU."""
 
@@ -75,7 +58,9 @@ class ConvBNReLU(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = _conv(self.features, self.kernel, self.dilation, self.dtype, "conv")(x)
+    x = resnet.conv(
+      self.features, self.kernel, dilation=self.dilation, dtype=self.dtype, name="conv"
+    )(x)
     x = resnet.batch_norm(train, self.dtype, "bn")(x)
     return nn.relu(x)
 
@@ -121,9 +106,9 @@ class _Fuse(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = _conv(self.channels, 3, 1, self.dtype, "conv1")(x)
+    x = resnet.conv(self.channels, 3, dtype=self.dtype, name="conv1")(x)
     x = nn.relu(resnet.batch_norm(train, self.dtype, "bn1")(x))
-    x = _conv(self.channels, 3, 1, self.dtype, "conv2")(x)
+    x = resnet.conv(self.channels, 3, dtype=self.dtype, name="conv2")(x)
     return nn.relu(resnet.batch_norm(train, self.dtype, "bn2")(x))
 
 

@@ -92,7 +92,7 @@ def resnet_output_channels(depth: int, width: int = 64) -> tuple[int, int]:
   return width * expansion, 8 * width * expansion
 
 
-def _conv(
+def conv(
   features: int,
   kernel: int,
   stride: int = 1,
@@ -149,13 +149,13 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     identity = x
-    y = _conv(self.planes, 3, self.stride, self.dilation, self.dtype, "conv1")(x)
+    y = conv(self.planes, 3, self.stride, self.dilation, self.dtype, "conv1")(x)
     y = batch_norm(train, self.dtype, "bn1")(y)
     y = nn.relu(y)
-    y = _conv(self.planes, 3, 1, self.dilation, self.dtype, "conv2")(y)
+    y = conv(self.planes, 3, 1, self.dilation, self.dtype, "conv2")(y)
     y = batch_norm(train, self.dtype, "bn2")(y)
     if self.downsample:
-      identity = _conv(self.planes, 1, self.stride, 1, self.dtype, "downsample_conv")(x)
+      identity = conv(self.planes, 1, self.stride, 1, self.dtype, "downsample_conv")(x)
       identity = batch_norm(train, self.dtype, "downsample_bn")(identity)
     return nn.relu(y + identity)
 
@@ -175,16 +175,16 @@ class Bottleneck(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     identity = x
     out_channels = self.planes * self.expansion
-    y = _conv(self.planes, 1, 1, 1, self.dtype, "conv1")(x)
+    y = conv(self.planes, 1, 1, 1, self.dtype, "conv1")(x)
     y = batch_norm(train, self.dtype, "bn1")(y)
     y = nn.relu(y)
-    y = _conv(self.planes, 3, self.stride, self.dilation, self.dtype, "conv2")(y)
+    y = conv(self.planes, 3, self.stride, self.dilation, self.dtype, "conv2")(y)
     y = batch_norm(train, self.dtype, "bn2")(y)
     y = nn.relu(y)
-    y = _conv(out_channels, 1, 1, 1, self.dtype, "conv3")(y)
+    y = conv(out_channels, 1, 1, 1, self.dtype, "conv3")(y)
     y = batch_norm(train, self.dtype, "bn3")(y)
     if self.downsample:
-      identity = _conv(out_channels, 1, self.stride, 1, self.dtype, "downsample_conv")(x)
+      identity = conv(out_channels, 1, self.stride, 1, self.dtype, "downsample_conv")(x)
       identity = batch_norm(train, self.dtype, "downsample_bn")(identity)
     return nn.relu(y + identity)
 
@@ -234,14 +234,14 @@ class ResNet(nn.Module):
     x = x.astype(self.dtype)
 
     if self.deep_stem:
-      x = _conv(self.width, 3, 2, 1, self.dtype, "conv1_0")(x)
+      x = conv(self.width, 3, 2, 1, self.dtype, "conv1_0")(x)
       x = nn.relu(batch_norm(train, self.dtype, "bn1_0")(x))
-      x = _conv(self.width, 3, 1, 1, self.dtype, "conv1_1")(x)
+      x = conv(self.width, 3, 1, 1, self.dtype, "conv1_1")(x)
       x = nn.relu(batch_norm(train, self.dtype, "bn1_1")(x))
-      x = _conv(2 * self.width, 3, 1, 1, self.dtype, "conv1_2")(x)
+      x = conv(2 * self.width, 3, 1, 1, self.dtype, "conv1_2")(x)
       in_channels = 2 * self.width
     else:
-      x = _conv(self.width, 7, 2, 1, self.dtype, "conv1")(x)
+      x = conv(self.width, 7, 2, 1, self.dtype, "conv1")(x)
       in_channels = self.width
     x = nn.relu(batch_norm(train, self.dtype, "bn1")(x))
     features = {"stem": x}
