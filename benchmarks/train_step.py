@@ -5,6 +5,10 @@
       --config.model.backbone=resnet50 --config.batch_size=2 --config.unlabelled_batch_size=2 \
       --num_classes=21 --steps=3
 
+`--profile_steps=K` then traces K more steps and prints where the time goes, per kind of op
+(convolution forward / input gradient / weight gradient, other products, fusions ...) and
+the slowest ops (benchmarks/op_profile.py).
+
 A/B: `--config_b=FILE` (with its own `--config_b.<key>=...` overrides) compiles a second
 config and times the two in alternation, `--rounds` times `--steps` steps each, then prints
 the ratio of their step times per round and its spread (alternating cancels slow drifts of a
@@ -27,6 +31,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+import op_profile  # benchmarks/, beside this script
+
 from s4jax import config_schema
 from s4jax import methods
 from s4jax import optim
@@ -46,6 +52,9 @@ _CONFIG_B = config_flags.DEFINE_config_file(
   lock_config=True,
 )
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "A/B: alternations of --steps steps each.")
+_PROFILE_STEPS = flags.DEFINE_integer(
+  "profile_steps", 0, "After timing, trace this many steps and print the per-op profile."
+)
 
 
 def encoder_images(config):
@@ -177,8 +186,18 @@ def main(argv):
   mesh = sharding.make_mesh()
   compiled, state, batch, compile_s, mem, cost = compile_step(config, mesh)
   if _CONFIG_B.value is None:
-    _, times = time_steps(compiled, state, batch, _STEPS.value)
+    state, times = time_steps(compiled, state, batch, _STEPS.value)
     report(config, mesh, compile_s, times, mem, cost)
+    if _PROFILE_STEPS.value > 0:
+      # The step donates its state: feed each call the state the previous one returned.
+      holder = [state]
+
+      def step():
+        holder[0], metrics = compiled(holder[0], batch)
+        return metrics
+
+      per_kind, per_op, ops = op_profile.profile(step, compiled.as_text(), _PROFILE_STEPS.value)
+      op_profile.print_table(per_kind, per_op, ops, statistics.median(times))
   else:
     config_b = _CONFIG_B.value
     compiled_b, state_b, batch_b, compile_b, mem_b, cost_b = compile_step(config_b, mesh)

@@ -144,7 +144,9 @@ def _conv_bwd(strides, pads, dilation, precision, residuals, g):
     lambda x: _native(x, rhs, strides, pads, dilation, precision), lhs
   )
   (d_lhs,) = transpose(g)
-  d_rhs = weight_grad_by_matmul(lhs, g, rhs.shape, strides, pads, dilation, precision)
+  # The scope names the products in the compiled program (benchmarks/op_profile.py).
+  with jax.named_scope("conv_weight_grad_by_matmul"):
+    d_rhs = weight_grad_by_matmul(lhs, g, rhs.shape, strides, pads, dilation, precision)
   return d_lhs, d_rhs.astype(rhs.dtype)
 
 
