@@ -309,6 +309,36 @@ def test_cwmim_parts_reach_the_intended_parameters(tiny_model):
   assert not _has_grad(smim, "head_recon")
 
 
+def test_student_apply_with_batch_statistics_is_a_train_mode_pass(tiny_model):
+  """batch_statistics=True normalises with the images' own statistics and leaves the running
+  statistics alone; the default uses the running statistics."""
+  config, model, variables = tiny_model
+  ctx = _context(config, model, variables)(variables["params"])
+  images = jax.random.normal(jax.random.key(3), (4, 32, 32, 3)) * 3.0 + 1.0
+  train_mode, _ = model.apply(variables, images, train=True, mutable=["batch_stats"])
+  inference = model.apply(variables, images, train=False)
+  got = ctx.student_apply(images, batch_statistics=True)
+  np.testing.assert_allclose(got["logits"], train_mode["logits"], rtol=1e-5, atol=1e-5)
+  assert float(jnp.abs(got["logits"] - inference["logits"]).max()) > 1e-2
+  np.testing.assert_allclose(ctx.student_apply(images)["logits"], inference["logits"], rtol=1e-6)
+  assert ctx.batch_stats is variables["batch_stats"]
+
+
+def test_cwmim_batch_norm_modes_differ_and_both_train(tiny_model):
+  config, model, variables = tiny_model
+  build = _context(config, model, variables)
+  losses = {}
+  for mode in ("running", "batch"):
+    cfg = _with(config.losses.cwmim, batch_norm=mode)
+    loss, grads = jax.value_and_grad(lambda p: cwmim.OBJECTIVE.loss(build(p), cfg, {})[0])(
+      variables["params"]
+    )
+    assert np.isfinite(float(loss))
+    assert float(sum(jnp.abs(g).sum() for g in jax.tree.leaves(grads))) > 0
+    losses[mode] = float(loss)
+  assert abs(losses["running"] - losses["batch"]) > 1e-4
+
+
 def _with(cfg, **overrides):
   new = cfg.copy_and_resolve_references()
   with new.unlocked():
@@ -368,6 +398,7 @@ def test_objectives_train_two_steps_through_the_loop(tmp_path):
     ("losses.cwmim.patch_size", 0),
     ("losses.recon.norm", "l3"),
     ("losses.cwmim.classes_per_image", 0),
+    ("losses.cwmim.batch_norm", "train"),
   ],
 )
 def test_bad_objective_values_name_the_key(key, value):

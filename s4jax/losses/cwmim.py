@@ -25,8 +25,10 @@ Everything below the verified ideas is our design (docs/methods.md §2 "our desi
 - Total: rec_weight * L_cwmim + fa_weight * L_fa + smim_weight * L_smim.
 
 The class-wise forwards multiply the encoder's batch by `classes_per_image` (on labelled
-images, and on unlabelled ones with `on_unlabelled`). They run with BatchNorm on running
-statistics (losses/objective.py), which is also what makes the classes independent.
+images, and on unlabelled ones with `on_unlabelled`). `batch_norm` picks their BatchNorm
+statistics: "batch" (default; those of the extra batch, not recorded) or "running" (the
+running statistics, losses/objective.py, which make the classes fully independent but
+diverged from an ImageNet backbone on MSRC: docs/methods.md §2).
 """
 
 import jax
@@ -151,6 +153,9 @@ def _class_map_unlabelled(pseudo, confidence, valid, threshold):
 
 def _loss(ctx: objective_lib.StepContext, cfg, aux):
   k_mask_l, k_mask_u = jax.random.split(ctx.rng)
+  # Dropout keys of the extra forwards (with batch_norm="batch" and model.aspp_dropout > 0).
+  k_drop_class, k_drop_smim = (jax.random.fold_in(ctx.rng, i) for i in (1, 2))
+  batch_statistics = cfg.batch_norm == "batch"
   n_l, h, w = ctx.labelled_image.shape[:3]
   images = [ctx.labelled_image]
   maps = [ctx.labelled_mask.astype(jnp.int32)]
@@ -172,7 +177,12 @@ def _loss(ctx: objective_lib.StepContext, cfg, aux):
     regions = class_regions(class_map, classes)
     inputs = class_inputs(images, mask, regions)
     n, p = classes.shape
-    encoded, decoded = ctx.student_apply(inputs.reshape(n * p, h, w, 3), method=_encode_and_decode)
+    encoded, decoded = ctx.student_apply(
+      inputs.reshape(n * p, h, w, 3),
+      method=_encode_and_decode,
+      batch_statistics=batch_statistics,
+      rng=k_drop_class,
+    )
     if cfg.rec_weight > 0:
       reconstructions = ctx.reconstruct(decoded, "recon").reshape(n, p, h, w, 3)
       loss_rec, num_pairs = classwise_reconstruction_loss(
@@ -190,7 +200,9 @@ def _loss(ctx: objective_lib.StepContext, cfg, aux):
 
   if cfg.smim_weight > 0:
     masked_weak = ctx.weak_image * (1.0 - mask_u)[..., None]
-    logits = ctx.student_apply(masked_weak)["logits"]
+    logits = ctx.student_apply(masked_weak, batch_statistics=batch_statistics, rng=k_drop_smim)[
+      "logits"
+    ]
     loss_smim = consistency.pseudo_label_loss(
       logits, ctx.pseudo, ctx.confidence, ctx.weak_valid, ctx.threshold
     )
@@ -229,5 +241,9 @@ def _visualise(model, variables, images, masks, rng, cfg):
 
 
 OBJECTIVE = objective_lib.Objective(
-  name="cwmim", heads=_heads, loss=_loss, validate=cwmim_config.validate, visualise=_visualise
+  name="cwmim",
+  heads=_heads,
+  loss=_loss,
+  validate=cwmim_config.validate,
+  visualise=_visualise,
 )

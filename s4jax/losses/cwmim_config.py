@@ -8,6 +8,8 @@ import ml_collections
 from s4jax.errors import require
 from s4jax.losses.recon_config import NORMS
 
+BATCH_NORM_MODES = ("running", "batch")
+
 
 def defaults() -> ml_collections.ConfigDict:
   """Class-wise masked image modelling (docs/methods.md §2; the flagship objective)."""
@@ -21,6 +23,11 @@ def defaults() -> ml_collections.ConfigDict:
   c.rec_weight = 1.0  # class-wise reconstruction
   c.fa_weight = 0.1  # feature aggregation
   c.smim_weight = 0.5  # semantic-space masked image modelling
+  # BatchNorm of the extra forwards (class-wise and semantic-space): "batch" (the statistics
+  # of the extra batch itself, as a train-mode pass; not recorded) or "running" (running
+  # statistics: the classes stay independent, but it diverged from an ImageNet backbone on
+  # MSRC: docs/methods.md §2).
+  c.batch_norm = "batch"
   return c
 
 
@@ -35,6 +42,12 @@ def validate(config) -> None:
     "an integer >= 1",
   )
   require(cfg.norm in NORMS, "losses.cwmim.norm", cfg.norm, f"one of {NORMS}")
+  require(
+    cfg.batch_norm in BATCH_NORM_MODES,
+    "losses.cwmim.batch_norm",
+    cfg.batch_norm,
+    f"one of {BATCH_NORM_MODES}",
+  )
   for key in ("rec_weight", "fa_weight", "smim_weight"):
     require(cfg[key] >= 0, f"losses.cwmim.{key}", cfg[key], "a number >= 0")
   require(

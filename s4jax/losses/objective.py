@@ -12,7 +12,8 @@ registered by name in `losses/registry.py` and switched on by its config block
 its config block and its tests; nothing in the loop or the step.
 
 Extra forwards of objectives (`StepContext.student_apply`) run the student with BatchNorm in
-inference mode (running statistics, no update), our choice: (1) inputs such as class-wise
+inference mode (running statistics, no update) unless they ask for the statistics of their
+own batch (`batch_statistics=True`, e.g. cwmim's default), our choice: (1) inputs such as class-wise
 masked images (docs/methods.md §2) would otherwise couple through batch statistics, so one
 class's pixels would change another class's loss; (2) the running statistics used at
 evaluation stay those of natural images; (3) objectives need not thread BatchNorm state
@@ -83,15 +84,24 @@ class StepContext:
   def labelled_valid(self) -> jax.Array:
     return (self.labelled_mask != supervised.IGNORE_INDEX).astype(jax.numpy.float32)
 
-  def student_apply(self, images, *, method=None, **kwargs):
-    """A student forward with BatchNorm on running statistics (see the module docstring)."""
-    return self.model.apply(
-      {"params": self.params, "batch_stats": self.batch_stats},
+  def student_apply(self, images, *, method=None, batch_statistics=False, rng=None, **kwargs):
+    """A student forward. BatchNorm runs on running statistics (see the module docstring),
+    or with `batch_statistics=True` on the statistics of `images` themselves, as a train-mode
+    pass does, without recording them (the running statistics stay those of the base
+    passes). `rng`: the dropout key of such a pass (needed with `model.aspp_dropout > 0`)."""
+    variables = {"params": self.params, "batch_stats": self.batch_stats}
+    if not batch_statistics:
+      return self.model.apply(variables, images, train=False, method=method, **kwargs)
+    out, _ = self.model.apply(
+      variables,
       images,
-      train=False,
+      train=True,
       method=method,
+      mutable=["batch_stats"],
+      rngs={} if rng is None else {"dropout": rng},
       **kwargs,
     )
+    return out
 
   def teacher_apply(self, images, *, method=None, **kwargs):
     """A forward of the teacher, without gradient: the EMA teacher with `teacher.source =
