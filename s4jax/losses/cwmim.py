@@ -26,9 +26,9 @@ Everything below the verified ideas is our design (docs/methods.md §2 "our desi
 
 The class-wise forwards multiply the encoder's batch by `classes_per_image` (on labelled
 images, and on unlabelled ones with `on_unlabelled`). `batch_norm` picks their BatchNorm
-statistics: "batch" (default; those of the extra batch, not recorded) or "running" (the
-running statistics, losses/objective.py, which make the classes fully independent but
-diverged from an ImageNet backbone on MSRC: docs/methods.md §2).
+statistics: "running" (default; the running statistics, losses/objective.py, which make the
+classes fully independent) or "batch" (those of the extra batch, not recorded). Neither
+worked on MSRC from an ImageNet backbone (docs/methods.md §2).
 """
 
 import jax

@@ -13,11 +13,12 @@ its config block and its tests; nothing in the loop or the step.
 
 Extra forwards of objectives (`StepContext.student_apply`) run the student with BatchNorm in
 inference mode (running statistics, no update) unless they ask for the statistics of their
-own batch (`batch_statistics=True`, e.g. cwmim's default), our choice: (1) inputs such as class-wise
-masked images (docs/methods.md §2) would otherwise couple through batch statistics, so one
-class's pixels would change another class's loss; (2) the running statistics used at
-evaluation stay those of natural images; (3) objectives need not thread BatchNorm state
-through each other. Gradients still reach every parameter the forward touches.
+own batch (`batch_statistics=True`, e.g. `losses.cwmim.batch_norm="batch"`), our choice:
+(1) inputs such as class-wise masked images (docs/methods.md §2) would otherwise couple
+through batch statistics, so one class's pixels would change another class's loss; (2) the
+running statistics used at evaluation stay those of natural images; (3) objectives need not
+thread BatchNorm state through each other. Gradients still reach every parameter the forward
+touches.
 """
 
 from __future__ import annotations
