@@ -26,7 +26,7 @@ def defaults() -> ml_collections.ConfigDict:
   # BatchNorm of the extra forwards (class-wise and semantic-space): "running" (running
   # statistics; the classes stay independent) or "batch" (the statistics of the extra batch
   # itself, as a train-mode pass; not recorded). On MSRC from an ImageNet backbone the first
-  # diverged and the second trained but evaluated at 2 % mIoU: docs/methods.md §2.
+  # diverged and the second trained, below UniMatch: docs/methods.md §2.
   c.batch_norm = "running"
   return c
 
