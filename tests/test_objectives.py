@@ -310,8 +310,8 @@ def test_cwmim_parts_reach_the_intended_parameters(tiny_model):
 
 
 def test_student_apply_with_batch_statistics_is_a_train_mode_pass(tiny_model):
-  """batch_statistics=True normalises with the images' own statistics and leaves the running
-  statistics alone; the default uses the running statistics."""
+  """batch_statistics=True normalises with the images' own statistics; the default uses the
+  running statistics."""
   config, model, variables = tiny_model
   ctx = _context(config, model, variables)(variables["params"])
   images = jax.random.normal(jax.random.key(3), (4, 32, 32, 3)) * 3.0 + 1.0
@@ -321,7 +321,6 @@ def test_student_apply_with_batch_statistics_is_a_train_mode_pass(tiny_model):
   np.testing.assert_allclose(got["logits"], train_mode["logits"], rtol=1e-5, atol=1e-5)
   assert float(jnp.abs(got["logits"] - inference["logits"]).max()) > 1e-2
   np.testing.assert_allclose(ctx.student_apply(images)["logits"], inference["logits"], rtol=1e-6)
-  assert ctx.batch_stats is variables["batch_stats"]
 
 
 def test_cwmim_batch_norm_modes_differ_and_both_train(tiny_model):
