@@ -99,16 +99,30 @@ def differing_keys(old: dict, new: dict) -> list[str]:
 
   A key missing from one side counts as its default: keys added in later versions default
   to the old behaviour, so a run recorded before a key existed resumes under the new
-  version as long as the key keeps its default.
+  version as long as the key keeps its default. The settings of an objective that is off on
+  both sides (`losses.<name>.enabled` False in each) do not count: they change nothing the
+  run computes, and a default that moved in a later version must not lock its runs out.
   """
   defaults = _flatten(config_as_dict(config_schema.default_config()))
   a, b = _flatten(old), _flatten(new)
+
+  def value(side, key):
+    return side.get(key, defaults.get(key, "<absent>"))
+
+  def in_objective_off_on_both_sides(key):
+    parts = key.split(".")
+    if len(parts) < 3 or parts[0] != "losses" or parts[-1] == "enabled":
+      return False
+    switch = f"losses.{parts[1]}.enabled"
+    return value(a, switch) is False and value(b, switch) is False
+
   keys = sorted(set(a) | set(b))
   return [
     k
     for k in keys
-    if a.get(k, defaults.get(k, "<absent>")) != b.get(k, defaults.get(k, "<absent>"))
+    if value(a, k) != value(b, k)
     and k not in config_schema.OPERATIONAL_KEYS
+    and not in_objective_off_on_both_sides(k)
   ]
 
 

@@ -213,6 +213,22 @@ def test_keys_added_later_count_as_their_default_when_resuming():
   assert workdir_lib.differing_keys(old, new) == ["mystery"]
 
 
+def test_settings_of_an_objective_off_in_both_runs_do_not_differ():
+  # cwmim's batch_norm default moved between versions; a run that never enabled cwmim must
+  # still resume and evaluate. Once cwmim is on in either run, its settings count again.
+  old = workdir_lib.config_as_dict(tiny_config(**{"losses.cwmim.batch_norm": "batch"}))
+  new = workdir_lib.config_as_dict(tiny_config(**{"losses.cwmim.batch_norm": "running"}))
+  assert old["losses"]["cwmim"]["enabled"] is False
+  assert workdir_lib.differing_keys(old, new) == []
+  on = workdir_lib.config_as_dict(
+    tiny_config(**{"losses.cwmim.batch_norm": "running", "losses.cwmim.enabled": True})
+  )
+  assert workdir_lib.differing_keys(old, on) == ["losses.cwmim.batch_norm", "losses.cwmim.enabled"]
+  old_on = json.loads(json.dumps(on))
+  old_on["losses"]["cwmim"]["batch_norm"] = "batch"
+  assert workdir_lib.differing_keys(old_on, on) == ["losses.cwmim.batch_norm"]
+
+
 def test_checkpoint_from_another_model_is_refused(straight_run):
   workdir, _ = straight_run
   config = tiny_config(**{"model.decoder_channels": 24})
