@@ -7,8 +7,11 @@ Where a train step's time goes on this backend: for each shape (H:C:k:O:dilation
 H x H input, stride 1, "SAME"), the median time of the forward convolution, of its input
 gradient and of its weight gradient (XLA's backward-filter convolution), and of the weight
 gradient as matrix products (`s4jax.models.conv_ops.weight_grad_by_matmul`), with GFLOP/s
-(2 per multiply-add). The default shapes are ResNet-50 + DeepLabV3+ layers at crop 321
-(stride 4: 81 px, stride 16: 21 px). Measure on an idle machine.
+(2 per multiply-add). A dilated shape gets a second row: the three passes of the same
+convolution computed tap by tap over the outputs each tap reaches (`conv_ops.conv_by_taps`,
+what `S4JAX_DILATED_CONV` picks), with GFLOP/s counted as if dense. The default shapes are
+ResNet-50 + DeepLabV3+ layers at crop 321 (stride 4: 81 px, stride 16: 21 px). Measure on an
+idle machine.
 """
 
 import argparse
@@ -28,6 +31,9 @@ DEFAULT_SHAPES = (
   "21:256:3:256:2",  # layer4 3x3 (output stride 16: dilation 2)
   "21:1024:1:256:1",  # layer4 1x1 reduce
   "81:304:3:256:1",  # decoder fuse conv (48 + 256 channels, stride 4)
+  "21:2048:3:256:6",  # ASPP branches (output stride 16: rates 6, 12, 18)
+  "21:2048:3:256:12",
+  "21:2048:3:256:18",
 )
 
 
@@ -80,6 +86,26 @@ def main():
     )
     cells = " ".join(f"{t:8.1f} ({gflop / t * 1e3:5.0f})" for t in times)
     print(f"{shape:>18} {cells}")
+    if d > 1:
+      # The same convolution one product per tap over the outputs it reaches
+      # (conv_ops.conv_by_taps; GFLOP/s as if dense, so the columns compare).
+      def taps(x, w):
+        return conv_ops.conv_by_taps(x, w, pads, (d, d))
+
+      share = conv_ops.reachable_share((h, h), (k, k), pads, (d, d))
+      times = (
+        median_ms(jax.jit(taps), x, w, repeats=args.repeats),
+        median_ms(
+          jax.jit(lambda x, w, g: jax.vjp(lambda x: taps(x, w), x)[1](g)[0]),
+          x, w, g, repeats=args.repeats,
+        ),
+        median_ms(
+          jax.jit(lambda x, w, g: jax.vjp(lambda w: taps(x, w), w)[1](g)[0]),
+          x, w, g, repeats=args.repeats,
+        ),
+      )
+      cells = " ".join(f"{t:8.1f} ({gflop / t * 1e3:5.0f})" for t in times)
+      print(f"{f'by taps ({100 * share:.0f}% reached)':>18} {cells}")
 
 
 if __name__ == "__main__":

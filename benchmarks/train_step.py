@@ -12,7 +12,9 @@ the slowest ops (benchmarks/op_profile.py).
 A/B: `--config_b=FILE` (with its own `--config_b.<key>=...` overrides) compiles a second
 config and times the two in alternation, `--rounds` times `--steps` steps each, then prints
 the ratio of their step times per round and its spread (alternating cancels slow drifts of a
-shared machine; only ratios from one such run compare).
+shared machine; only ratios from one such run compare). `--env_b=NAME=VALUE` sets an
+environment variable while B is traced (B is --config itself when --config_b is not given),
+e.g. `--env_b=S4JAX_DILATED_CONV=xla` for the dilated-convolution implementation.
 
 Batches are random (drawn once); the numbers are for the step only, not the input pipeline.
 FLOPs and bytes are XLA's cost analysis of the compiled step (every op, forward and
@@ -21,6 +23,8 @@ reads (labelled + unlabelled). Memory: XLA's compiled-program estimate (argument
 + temporaries) and the process's peak resident size. Measure on an idle machine.
 """
 
+import contextlib
+import os
 import resource
 import statistics
 import time
@@ -50,6 +54,13 @@ _CONFIG_B = config_flags.DEFINE_config_file(
   None,
   "A second config for an A/B comparison (alternated with --config).",
   lock_config=True,
+)
+_ENV_B = flags.DEFINE_multi_string(
+  "env_b",
+  [],
+  "A/B: NAME=VALUE environment variables set while B's step is traced (the implementation "
+  "switches S4JAX_CONV_WEIGHT_GRAD, S4JAX_DILATED_CONV are read then), restored after. "
+  "With --env_b and no --config_b, B is --config itself.",
 )
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "A/B: alternations of --steps steps each.")
 _PROFILE_STEPS = flags.DEFINE_integer(
@@ -180,12 +191,32 @@ def report(config, mesh, compile_s, times, mem, cost) -> None:
     )
 
 
+@contextlib.contextmanager
+def environment(assignments):
+  """Sets NAME=VALUE environment variables for the block, then restores them."""
+  saved = {}
+  for assignment in assignments:
+    name, sep, value = assignment.partition("=")
+    if not sep or not name:
+      raise app.UsageError(f"--env_b={assignment!r}: expected NAME=VALUE")
+    saved.setdefault(name, os.environ.get(name))
+    os.environ[name] = value
+  try:
+    yield
+  finally:
+    for name, value in saved.items():
+      if value is None:
+        os.environ.pop(name, None)
+      else:
+        os.environ[name] = value
+
+
 def main(argv):
   del argv
   config = _CONFIG.value
   mesh = sharding.make_mesh()
   compiled, state, batch, compile_s, mem, cost = compile_step(config, mesh)
-  if _CONFIG_B.value is None:
+  if _CONFIG_B.value is None and not _ENV_B.value:
     state, times = time_steps(compiled, state, batch, _STEPS.value)
     report(config, mesh, compile_s, times, mem, cost)
     if _PROFILE_STEPS.value > 0:
@@ -199,8 +230,9 @@ def main(argv):
       per_kind, per_op, ops = op_profile.profile(step, compiled.as_text(), _PROFILE_STEPS.value)
       op_profile.print_table(per_kind, per_op, ops, statistics.median(times))
   else:
-    config_b = _CONFIG_B.value
-    compiled_b, state_b, batch_b, compile_b, mem_b, cost_b = compile_step(config_b, mesh)
+    config_b = config if _CONFIG_B.value is None else _CONFIG_B.value
+    with environment(_ENV_B.value):
+      compiled_b, state_b, batch_b, compile_b, mem_b, cost_b = compile_step(config_b, mesh)
     times_a, times_b, ratios = [], [], []
     for _ in range(_ROUNDS.value):
       state, ta = time_steps(compiled, state, batch, _STEPS.value)
@@ -210,7 +242,7 @@ def main(argv):
       ratios.append(statistics.median(tb) / statistics.median(ta))
     print("== A ==")
     report(config, mesh, compile_s, times_a, mem, cost)
-    print("== B ==")
+    print("== B ==" + (f" ({' '.join(_ENV_B.value)})" if _ENV_B.value else ""))
     report(config_b, mesh, compile_b, times_b, mem_b, cost_b)
     print(
       f"B/A step time     {statistics.median(ratios):8.3f}   (per round: "

@@ -156,6 +156,7 @@ def main(argv):
   try:
     compilation_cache.enable(_COMPILATION_CACHE.value)
     conv_ops.weight_grad_implementation()  # a bad S4JAX_CONV_WEIGHT_GRAD fails here, not in a trace
+    conv_ops.dilated_implementation()  # likewise S4JAX_DILATED_CONV
     if _MODE.value == "train":
       results = train.train_and_evaluate(
         config, _WORKDIR.value, overwrite=_OVERWRITE.value, stop_after=_STOP_AFTER.value

@@ -94,6 +94,9 @@ def test_gradients_equal_xla_gradients(monkeypatch, choice):
       )
 
     want = jax.value_and_grad(loss(lax.conv_general_dilated), (0, 1))(x, kernel)
+    # This test is of the weight gradient; dilated cases would otherwise go tap by tap
+    # (tested below against XLA on its own).
+    monkeypatch.setenv(conv_ops.DILATED_ENV, "xla")
     monkeypatch.setenv(conv_ops.WEIGHT_GRAD_ENV, choice)
     got = jax.value_and_grad(loss(conv_ops.conv_general_dilated), (0, 1))(x, kernel)
     monkeypatch.delenv(conv_ops.WEIGHT_GRAD_ENV)
@@ -158,3 +161,74 @@ def test_pointwise_uses_products_only_for_1x1(monkeypatch):
   assert weight_grad_hlo(3).count("convolution") == 2  # forward + XLA's weight gradient
   monkeypatch.setenv(conv_ops.WEIGHT_GRAD_ENV, "xla")
   assert weight_grad_hlo(1).count("convolution") == 2
+
+
+# (H, W, C, O, dilation, pads): ASPP-like rates on a small map (most taps read padding),
+# a rate that only the centre tap survives, asymmetric and zero padding, a 3x3 at rate 2.
+TAP_CASES = [
+  (9, 9, 4, 3, 6, ((6, 6), (6, 6))),
+  (5, 6, 3, 2, 9, ((9, 9), (9, 9))),
+  (10, 7, 4, 3, 3, ((1, 4), (0, 2))),
+  (11, 11, 3, 4, 2, ((2, 2), (2, 2))),
+  (12, 9, 2, 3, 2, ((0, 0), (0, 0))),
+]
+
+
+@pytest.mark.parametrize("case", TAP_CASES, ids=lambda c: f"{c[0]}x{c[1]}d{c[4]}")
+def test_conv_by_taps_equals_xla_values_and_gradients(case):
+  h, w, c, o, d, pads = case
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, h, w, c)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, c, o)), jnp.float32)
+
+  def xla(x, kernel):
+    return lax.conv_general_dilated(
+      x, kernel, (1, 1), pads, rhs_dilation=(d, d),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), precision="highest",
+    )
+
+  def taps(x, kernel):
+    return conv_ops.conv_by_taps(x, kernel, pads, (d, d), precision="highest")
+
+  want, want_vjp = jax.vjp(xla, x, kernel)
+  got, got_vjp = jax.vjp(taps, x, kernel)
+  assert got.shape == want.shape and got.dtype == want.dtype
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  g = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+  for got_grad, want_grad in zip(got_vjp(g), want_vjp(g)):
+    np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-4)
+
+
+def test_reachable_share_counts_the_taps_that_read_pixels():
+  # Rate 18 on 21 x 21 ("SAME"): each axis has the centre tap everywhere and the two outer
+  # taps on 3 of 21 outputs, so (21 + 2 * 3)^2 of 9 * 21^2 multiply-adds read pixels.
+  share = conv_ops.reachable_share((21, 21), (3, 3), ((18, 18), (18, 18)), (18, 18))
+  assert share == pytest.approx(27**2 / (9 * 21**2))
+  assert conv_ops.reachable_share((8, 8), (3, 3), ((0, 0), (0, 0)), (2, 2)) == 1.0
+  # Beyond the map only the centre tap is left.
+  assert conv_ops.reachable_share((4, 4), (3, 3), ((9, 9), (9, 9)), (9, 9)) == pytest.approx(1 / 9)
+
+
+def test_dilated_implementation_choice_reaches_the_compiled_forward(monkeypatch):
+  """"auto" (CPU) computes a mostly-padding dilated conv tap by tap (no convolution op left),
+  keeps XLA's for one that mostly reads pixels; "xla" and "taps" force either; a bad value
+  is named."""
+  def forward_hlo(h, d):
+    x = jnp.ones((1, h, h, 3))
+    kernel = jnp.ones((3, 3, 3, 4))
+    f = lambda x: conv_ops.conv_general_dilated(
+      x, kernel, (1, 1), "SAME", rhs_dilation=(d, d), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    return jax.jit(f).lower(x).as_text()
+
+  monkeypatch.delenv(conv_ops.DILATED_ENV, raising=False)
+  assert conv_ops.dilated_implementation() == "auto"
+  assert forward_hlo(9, 6).count("convolution") == 0  # share 0.31
+  assert forward_hlo(32, 2).count("convolution") == 1  # share 0.92
+  monkeypatch.setenv(conv_ops.DILATED_ENV, "taps")
+  assert forward_hlo(32, 2).count("convolution") == 0
+  monkeypatch.setenv(conv_ops.DILATED_ENV, "xla")
+  assert forward_hlo(9, 6).count("convolution") == 1
+  monkeypatch.setenv(conv_ops.DILATED_ENV, "fast")
+  with pytest.raises(errors.ConfigError, match="S4JAX_DILATED_CONV='fast'"):
+    conv_ops.dilated_implementation()

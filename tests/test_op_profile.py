@@ -13,6 +13,7 @@ from s4jax.models import conv_ops
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
 try:
   import op_profile  # pylint: disable=g-import-not-at-top
+  import train_step  # pylint: disable=g-import-not-at-top
 finally:
   sys.path.pop(0)
 
@@ -96,3 +97,16 @@ ENTRY %main (x: f32[2,8,8,8], k: f32[3,3,8,16]) -> f32[16] {
   assert ops["conv_fusion"]["kind"] == "conv input grad"
   assert ops["conv_fusion"]["op_name"].endswith("Conv_0/conv_general_dilated")
   assert ops["sum_fusion"]["kind"] == "fusion: custom"
+
+
+def test_env_b_sets_variables_for_the_block_and_restores_them(monkeypatch):
+  monkeypatch.setenv("S4JAX_TEST_KEPT", "before")
+  monkeypatch.delenv("S4JAX_TEST_NEW", raising=False)
+  with train_step.environment(["S4JAX_TEST_KEPT=inside", "S4JAX_TEST_NEW=x=y"]):
+    assert os.environ["S4JAX_TEST_KEPT"] == "inside"
+    assert os.environ["S4JAX_TEST_NEW"] == "x=y"  # only the first "=" separates
+  assert os.environ["S4JAX_TEST_KEPT"] == "before"
+  assert "S4JAX_TEST_NEW" not in os.environ
+  with pytest.raises(train_step.app.UsageError, match="NOT_AN_ASSIGNMENT"):
+    with train_step.environment(["NOT_AN_ASSIGNMENT"]):
+      pass

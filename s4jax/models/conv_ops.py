@@ -20,8 +20,16 @@ gradient stay XLA's; the result equals XLA's gradient up to float32 summation or
 `WEIGHT_GRAD_ENV` picks the convolutions that get it: "pointwise" (1x1 only; no memory
 cost), "all" (every ungrouped 2-D convolution; fastest, more memory), "xla" (none), or
 "auto" (the default): "pointwise" on CPU, "xla" on accelerators, whose backward-filter
-convolutions are fast. It is read when a step is traced, so an A/B comparison runs two
-processes. Grouped (depthwise), input-dilated and non-2D convolutions always use XLA's.
+convolutions are fast. It is read when a step is traced (an A/B comparison in one process:
+`benchmarks/train_step.py --env_b=...`). Grouped (depthwise), input-dilated and non-2D
+convolutions always use XLA's.
+
+`DILATED_ENV` ("auto" | "taps" | "xla") handles a second CPU cost: a dilated stride-1
+convolution on a small map mostly multiplies zero padding, which XLA computes. With "auto"
+(the default) such a convolution, when at most `TAPS_MAX_REACHABLE_SHARE` of its dense
+multiply-adds read pixels, becomes `conv_by_taps` on CPU: one product per kernel tap over the
+outputs it reaches, forward and both gradients. "taps" forces it for every dilated
+convolution, "xla" never.
 """
 
 import functools
@@ -36,6 +44,12 @@ from s4jax import errors
 
 WEIGHT_GRAD_ENV = "S4JAX_CONV_WEIGHT_GRAD"
 WEIGHT_GRAD_CHOICES = ("auto", "xla", "pointwise", "all")
+DILATED_ENV = "S4JAX_DILATED_CONV"
+DILATED_CHOICES = ("auto", "xla", "taps")
+# "auto" computes a dilated convolution tap by tap on CPU when at most this share of its
+# dense multiply-adds reads real pixels (the rest read zero padding). Measured with
+# benchmarks/conv_grad.py (README.md, "Benchmarks").
+TAPS_MAX_REACHABLE_SHARE = 0.75
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -51,6 +65,83 @@ def weight_grad_implementation() -> str:
   if choice == "auto":
     return "pointwise" if jax.default_backend() == "cpu" else "xla"
   return choice
+
+
+def dilated_implementation() -> str:
+  """ "xla" or "taps" (or "auto": "taps" on CPU where it saves work), from `DILATED_ENV`."""
+  choice = os.environ.get(DILATED_ENV, "auto").strip().lower() or "auto"
+  if choice not in DILATED_CHOICES:
+    raise errors.ConfigError(
+      f"environment variable {DILATED_ENV}={choice!r}: expected one of {DILATED_CHOICES} "
+      "(unset it for the default, 'auto')."
+    )
+  if choice == "auto" and jax.default_backend() != "cpu":
+    return "xla"
+  return choice
+
+
+def _tap_ranges(size: int, out_size: int, kernel: int, dilation: int, pad_lo: int):
+  """Per kernel tap t along one axis: (input offset, first output, end output) of the outputs
+  whose input pixel `out + offset` lies inside the image (stride 1)."""
+  ranges = []
+  for t in range(kernel):
+    offset = t * dilation - pad_lo
+    ranges.append((offset, max(0, -offset), min(out_size, size - offset)))
+  return ranges
+
+
+def reachable_share(in_hw, kernel_hw, pads, dilation) -> float:
+  """The share of a stride-1 convolution's dense multiply-adds that read image pixels, not
+  padding (1.0 for an unpadded one)."""
+  total, reached = 0, 0
+  axes = []
+  for size, k, (lo, hi), d in zip(in_hw, kernel_hw, pads, dilation):
+    out_size = size + lo + hi - (k - 1) * d
+    axes.append((out_size, [max(0, b - a) for _, a, b in _tap_ranges(size, out_size, k, d, lo)]))
+  (ho, rows), (wo, cols) = axes
+  total = ho * wo * len(rows) * len(cols)
+  reached = sum(r * c for r in rows for c in cols)
+  return reached / total if total else 1.0
+
+
+def conv_by_taps(lhs, rhs, pads, dilation, precision=None):
+  """A stride-1 NHWC/HWIO convolution as one matrix product per kernel tap, over only the
+  outputs whose input pixel for that tap is inside the image.
+
+  A dilated convolution on a small feature map mostly multiplies padding: DeepLabV3+'s ASPP
+  at rate 18 on ResNet-50's 21 x 21 map (crop 321, output stride 16) reads zeros in 82 % of
+  its dense multiply-adds, and XLA:CPU's convolution computes them all. Here tap (i, j) adds
+  X[rows+oy, cols+ox] @ W[i, j] into the output rows/cols it reaches; a tap that reaches none
+  is skipped. Autodiff of the slices, products and pads gives the input and weight gradients
+  as products over the same regions, so all three passes skip the padding. Accumulates in
+  float32 (as XLA's convolution does) and returns lhs's dtype."""
+  n, h, w, _ = lhs.shape
+  kh, kw, _, o = rhs.shape
+  (dy, dx) = dilation
+  ho = h + pads[0][0] + pads[0][1] - (kh - 1) * dy
+  wo = w + pads[1][0] + pads[1][1] - (kw - 1) * dx
+  out_dtype = jnp.result_type(lhs.dtype, rhs.dtype)
+  out = None
+  for i, (oy, y0, y1) in enumerate(_tap_ranges(h, ho, kh, dy, pads[0][0])):
+    if y0 >= y1:
+      continue
+    for j, (ox, x0, x1) in enumerate(_tap_ranges(w, wo, kw, dx, pads[1][0])):
+      if x0 >= x1:
+        continue
+      patch = lhs[:, y0 + oy : y1 + oy, x0 + ox : x1 + ox, :]
+      product = lax.dot_general(
+        patch,
+        rhs[i, j],
+        (((3,), (0,)), ((), ())),
+        precision=precision,
+        preferred_element_type=jnp.float32,
+      )
+      if (y0, y1, x0, x1) != (0, ho, 0, wo):
+        product = jnp.pad(product, ((0, 0), (y0, ho - y1), (x0, wo - x1), (0, 0)))
+      out = product if out is None else out + product
+  if out is None:  # every tap reads padding only
+    return jnp.zeros((n, max(ho, 0), max(wo, 0), o), out_dtype)
+  return out.astype(out_dtype)
 
 
 def _is_nhwc(dimension_numbers: Any) -> bool:
@@ -101,10 +192,7 @@ def conv_general_dilated(
     and (lhs_dilation is None or tuple(lhs_dilation) == (1, 1))
     and preferred_element_type is None
   )
-  implementation = weight_grad_implementation() if supported else "xla"
-  if implementation == "pointwise" and tuple(rhs.shape[:2]) != (1, 1):
-    implementation = "xla"
-  if implementation == "xla":
+  if not supported:
     return native(lhs, rhs)
   strides = tuple(int(s) for s in window_strides)
   dilation = (1, 1) if rhs_dilation is None else tuple(int(d) for d in rhs_dilation)
@@ -112,6 +200,18 @@ def conv_general_dilated(
     dilated_kernel = [(k - 1) * d + 1 for k, d in zip(rhs.shape[:2], dilation)]
     padding = lax.padtype_to_pads(lhs.shape[1:3], dilated_kernel, strides, padding)
   pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+  if strides == (1, 1) and dilation != (1, 1) and all(lo >= 0 and hi >= 0 for lo, hi in pads):
+    taps = dilated_implementation()
+    if taps == "auto":
+      share = reachable_share(lhs.shape[1:3], rhs.shape[:2], pads, dilation)
+      taps = "taps" if share <= TAPS_MAX_REACHABLE_SHARE else "xla"
+    if taps == "taps":
+      return conv_by_taps(lhs, rhs, pads, dilation, precision)
+  implementation = weight_grad_implementation()
+  if implementation == "pointwise" and tuple(rhs.shape[:2]) != (1, 1):
+    implementation = "xla"
+  if implementation == "xla":
+    return native(lhs, rhs)
   return _conv(lhs, rhs, strides, pads, dilation, precision)
 
 
