@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from s4jax.models import conv_ops
 from s4jax.models import deeplabv3plus
 from s4jax.models import resnet
 from s4jax.models import segmenter as segmenter_lib
@@ -139,7 +140,10 @@ def test_resnet_deep_stem(depth):
   assert features["layer4"].shape[1:3] == (IMAGE // 8, IMAGE // 8)
 
 
-def _conv3x3_strides_and_dilations(depth, output_stride):
+def _conv3x3_strides_and_dilations(depth, output_stride, monkeypatch):
+  # Read the schedule off XLA convolutions: on CPU a dilated conv on this small input would
+  # otherwise be computed tap by tap (conv_ops.conv_by_taps) and leave no conv primitive.
+  monkeypatch.setenv(conv_ops.DILATED_ENV, "xla")
   model = resnet.ResNet(depth, output_stride=output_stride, width=WIDTH)
   variables, _ = _resnet_abstract(depth, output_stride)
   jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(
@@ -154,7 +158,7 @@ def _conv3x3_strides_and_dilations(depth, output_stride):
   return out
 
 
-def test_resnet50_os8_dilation_schedule_matches_torchvision():
+def test_resnet50_os8_dilation_schedule_matches_torchvision(monkeypatch):
   # torchvision with replace_stride_with_dilation=[False, True, True]: the
   # first block of a dilated stage uses the previous stage's dilation.
   expected = (
@@ -166,10 +170,10 @@ def test_resnet50_os8_dilation_schedule_matches_torchvision():
     + [(1, 2)]
     + [(1, 4)] * 2  # layer4 (dilated)
   )
-  assert _conv3x3_strides_and_dilations(50, 8) == expected
+  assert _conv3x3_strides_and_dilations(50, 8, monkeypatch) == expected
 
 
-def test_resnet18_os16_dilation_schedule():
+def test_resnet18_os16_dilation_schedule(monkeypatch):
   # BasicBlock: both 3x3 convs of a block share its dilation.
   expected = (
     [(1, 1), (1, 1)] * 2  # layer1
@@ -180,7 +184,7 @@ def test_resnet18_os16_dilation_schedule():
     + [(1, 1), (1, 1)]
     + [(1, 2), (1, 2)]  # layer4 (dilated)
   )
-  assert _conv3x3_strides_and_dilations(18, 16) == expected
+  assert _conv3x3_strides_and_dilations(18, 16, monkeypatch) == expected
 
 
 # --- Decoder ----------------------------------------------------------------
