@@ -97,11 +97,17 @@ def main():
         median_ms(jax.jit(taps), x, w, repeats=args.repeats),
         median_ms(
           jax.jit(lambda x, w, g: jax.vjp(lambda x: taps(x, w), x)[1](g)[0]),
-          x, w, g, repeats=args.repeats,
+          x,
+          w,
+          g,
+          repeats=args.repeats,
         ),
         median_ms(
           jax.jit(lambda x, w, g: jax.vjp(lambda w: taps(x, w), w)[1](g)[0]),
-          x, w, g, repeats=args.repeats,
+          x,
+          w,
+          g,
+          repeats=args.repeats,
         ),
       )
       cells = " ".join(f"{t:8.1f} ({gflop / t * 1e3:5.0f})" for t in times)

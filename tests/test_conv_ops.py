@@ -183,8 +183,13 @@ def test_conv_by_taps_equals_xla_values_and_gradients(case):
 
   def xla(x, kernel):
     return lax.conv_general_dilated(
-      x, kernel, (1, 1), pads, rhs_dilation=(d, d),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), precision="highest",
+      x,
+      kernel,
+      (1, 1),
+      pads,
+      rhs_dilation=(d, d),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision="highest",
     )
 
   def taps(x, kernel):
@@ -210,9 +215,10 @@ def test_reachable_share_counts_the_taps_that_read_pixels():
 
 
 def test_dilated_implementation_choice_reaches_the_compiled_forward(monkeypatch):
-  """"auto" (CPU) computes a mostly-padding dilated conv tap by tap (no convolution op left),
+  """ "auto" (CPU) computes a mostly-padding dilated conv tap by tap (no convolution op left),
   keeps XLA's for one that mostly reads pixels; "xla" and "taps" force either; a bad value
   is named."""
+
   def forward_hlo(h, d):
     x = jnp.ones((1, h, h, 3))
     kernel = jnp.ones((3, 3, 3, 4))
