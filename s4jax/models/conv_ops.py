@@ -54,14 +54,21 @@ TAPS_MAX_REACHABLE_SHARE = 0.75
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-def weight_grad_implementation() -> str:
-  """ "xla", "pointwise" or "all", from `WEIGHT_GRAD_ENV` and the default backend."""
-  choice = os.environ.get(WEIGHT_GRAD_ENV, "auto").strip().lower() or "auto"
-  if choice not in WEIGHT_GRAD_CHOICES:
+def _env_choice(name: str, choices: tuple) -> str:
+  """The lower-cased value of environment variable `name` ("auto" when unset or empty);
+  ConfigError naming it for a value not in `choices`."""
+  choice = os.environ.get(name, "auto").strip().lower() or "auto"
+  if choice not in choices:
     raise errors.ConfigError(
-      f"environment variable {WEIGHT_GRAD_ENV}={choice!r}: expected one of {WEIGHT_GRAD_CHOICES} "
+      f"environment variable {name}={choice!r}: expected one of {choices} "
       "(unset it for the default, 'auto')."
     )
+  return choice
+
+
+def weight_grad_implementation() -> str:
+  """ "xla", "pointwise" or "all", from `WEIGHT_GRAD_ENV` and the default backend."""
+  choice = _env_choice(WEIGHT_GRAD_ENV, WEIGHT_GRAD_CHOICES)
   if choice == "auto":
     return "pointwise" if jax.default_backend() == "cpu" else "xla"
   return choice
@@ -69,12 +76,7 @@ def weight_grad_implementation() -> str:
 
 def dilated_implementation() -> str:
   """ "xla" or "taps" (or "auto": "taps" on CPU where it saves work), from `DILATED_ENV`."""
-  choice = os.environ.get(DILATED_ENV, "auto").strip().lower() or "auto"
-  if choice not in DILATED_CHOICES:
-    raise errors.ConfigError(
-      f"environment variable {DILATED_ENV}={choice!r}: expected one of {DILATED_CHOICES} "
-      "(unset it for the default, 'auto')."
-    )
+  choice = _env_choice(DILATED_ENV, DILATED_CHOICES)
   if choice == "auto" and jax.default_backend() != "cpu":
     return "xla"
   return choice
@@ -93,7 +95,6 @@ def _tap_ranges(size: int, out_size: int, kernel: int, dilation: int, pad_lo: in
 def reachable_share(in_hw, kernel_hw, pads, dilation) -> float:
   """The share of a stride-1 convolution's dense multiply-adds that read image pixels, not
   padding (1.0 for an unpadded one)."""
-  total, reached = 0, 0
   axes = []
   for size, k, (lo, hi), d in zip(in_hw, kernel_hw, pads, dilation):
     out_size = size + lo + hi - (k - 1) * d
@@ -114,7 +115,7 @@ def conv_by_taps(lhs, rhs, pads, dilation, precision=None):
   X[rows+oy, cols+ox] @ W[i, j] into the output rows/cols it reaches; a tap that reaches none
   is skipped. Autodiff of the slices, products and pads gives the input and weight gradients
   as products over the same regions, so all three passes skip the padding. Accumulates in
-  float32 (as XLA's convolution does) and returns lhs's dtype."""
+  float32 (as XLA's convolution does) and returns the inputs' promoted dtype."""
   n, h, w, _ = lhs.shape
   kh, kw, _, o = rhs.shape
   (dy, dx) = dilation
