@@ -9,6 +9,9 @@
 (convolution forward / input gradient / weight gradient, other products, fusions ...) and
 the slowest ops (benchmarks/op_profile.py).
 
+`--compilation_cache=DIR` compiles through JAX's persistent cache in DIR (as runs do): the
+first call with an empty DIR prints the cold compile time, a second call the warm one.
+
 A/B: `--config_b=FILE` (with its own `--config_b.<key>=...` overrides) compiles a second
 config and times the two in alternation, `--rounds` times `--steps` steps each, then prints
 the ratio of their step times per round and its spread (alternating cancels slow drifts of a
@@ -37,6 +40,7 @@ from ml_collections import config_flags
 
 import op_profile  # benchmarks/, beside this script
 
+from s4jax import compilation_cache
 from s4jax import config_schema
 from s4jax import methods
 from s4jax import optim
@@ -63,6 +67,13 @@ _ENV_B = flags.DEFINE_multi_string(
   "With --env_b and no --config_b, B is --config itself.",
 )
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "A/B: alternations of --steps steps each.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+  "compilation_cache",
+  "off",
+  "JAX's persistent compilation cache, as `python -m s4jax.main --compilation_cache`: "
+  f"{compilation_cache.SETTINGS_HELP}. Off by default, so the compile time printed is a "
+  "cold one; give a directory twice to measure the warm (cache filled) compile time.",
+)
 _PROFILE_STEPS = flags.DEFINE_integer(
   "profile_steps", 0, "After timing, trace this many steps and print the per-op profile."
 )
@@ -214,6 +225,9 @@ def environment(assignments):
 def main(argv):
   del argv
   config = _CONFIG.value
+  cache_dir = compilation_cache.enable(_COMPILATION_CACHE.value)
+  if cache_dir:
+    print(f"compilation cache {cache_dir}")
   mesh = sharding.make_mesh()
   compiled, state, batch, compile_s, mem, cost = compile_step(config, mesh)
   if _CONFIG_B.value is None and not _ENV_B.value:
