@@ -14,7 +14,9 @@ sums the time per kind:
   fusion: <kind>                XLA's fused elementwise / reduction / transpose kernels
   <opcode>                      the rest (copy, reduce-window, select-and-scatter, sort ...)
 
-and the slowest single ops with the JAX operation that made them. Times are summed over
+the same time per Flax module (`layer_of`: the innermost module of each op's JAX
+operation, forward or backward), and the slowest single ops with the JAX operation that
+made them. Times are summed over
 the runtime's threads: on 2 cores two independent ops can run at once, so the sum can
 exceed the step's wall time.
 """
@@ -165,9 +167,28 @@ def _short(op_name: str, width: int = 70) -> str:
   return op_name if len(op_name) <= width else "..." + op_name[-(width - 3) :]
 
 
+def layer_of(op_name: str) -> str:
+  """The innermost module an op came from, and whether it is forward or backward:
+  ``"jvp(Segmenter)/Segmenter.encode/backbone/block_3/depthwise_conv/mul"`` ->
+  ``"depthwise_conv (forward)"``. Ops of every block share the module's name, so the
+  table below sums, e.g., all depthwise convolutions together."""
+  parts = re.sub(r"jit\([\w]+\)/", "", op_name).split("/")[:-1]  # the last is the primitive
+  modules = [p for p in parts if p and "(" not in p and "." not in p]
+  direction = "backward" if "transpose(" in op_name else "forward"
+  return f"{modules[-1] if modules else '(no module)'} ({direction})"
+
+
+def per_layer(per_op, ops):
+  """Seconds per step summed by `layer_of` each op's JAX operation."""
+  layers = collections.Counter()
+  for name, seconds in per_op.items():
+    layers[layer_of(ops[name]["op_name"])] += seconds
+  return layers
+
+
 def print_table(per_kind, per_op, ops, step_seconds: float, top: int = 15) -> None:
-  """The per-kind table (seconds per step, share of the op time and of the step) and the
-  `top` slowest ops."""
+  """The per-kind table (seconds per step, share of the op time and of the step), the
+  same time by module (`per_layer`) and the `top` slowest ops."""
   total = sum(per_kind.values())
   print(
     f"per-op profile: {total:.3f} s of op time per step (summed over threads), "
@@ -179,6 +200,9 @@ def print_table(per_kind, per_op, ops, step_seconds: float, top: int = 15) -> No
       f"  {kind:34s} {seconds:8.3f} {100 * seconds / total:6.1f} "
       f"{100 * seconds / step_seconds:7.1f}"
     )
+  print(f"  by module (the {top} largest):")
+  for layer, seconds in per_layer(per_op, ops).most_common(top):
+    print(f"  {layer:44s} {seconds:8.3f} {100 * seconds / total:6.1f}")
   print(f"  slowest {top} ops:")
   for name, seconds in per_op.most_common(top):
     op = ops[name]

@@ -6,8 +6,9 @@
       --num_classes=21 --steps=3
 
 `--profile_steps=K` then traces K more steps and prints where the time goes, per kind of op
-(convolution forward / input gradient / weight gradient, other products, fusions ...) and
-the slowest ops (benchmarks/op_profile.py).
+(convolution forward / input gradient / weight gradient, other products, fusions ...), per
+Flax module (all blocks' ``depthwise_conv`` together ...) and the slowest ops
+(benchmarks/op_profile.py).
 
 `--compilation_cache=DIR` compiles through JAX's persistent cache in DIR (as runs do): the
 first call with an empty DIR prints the cold compile time, a second call the warm one.

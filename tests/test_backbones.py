@@ -656,28 +656,38 @@ def test_output_stride_and_backbone_are_validated():
 
 
 def test_depthwise_taps_equal_the_grouped_convolution():
-  # CPU runs the tap sum, accelerators XLA's grouped convolution: they must agree (values
-  # and kernel gradients) with strides, dilation and both paddings, on uneven sizes.
+  # CPU runs the tap sum, accelerators XLA's grouped
+  # convolution: they must agree (values, input and kernel gradients) with strides, dilation
+  # and both paddings, on uneven sizes.
   x = jax.random.normal(jax.random.key(0), (2, 9, 8, 6))
-  cases = ((3, 2, 1, True), (5, 2, 1, True), (3, 1, 2, False), (5, 1, 4, True), (3, 2, 1, False))
+  cases = (
+    (3, 2, 1, True),
+    (5, 2, 1, True),
+    (3, 1, 2, False),
+    (5, 1, 4, True),
+    (3, 2, 1, False),
+    (5, 2, 1, False),
+    (3, 1, 1, True),
+  )
   kernels = [jax.random.normal(jax.random.key(i), (k, k, 1, 6)) for i, (k, *_) in enumerate(cases)]
 
   @jax.jit
-  def values_and_grads(kernels):
+  def values_and_grads(kernels, x):
     out = {}
     for implementation in ("taps", "xla"):
       for i, (case, kernel) in enumerate(zip(cases, kernels)):
         conv = mobilenet_v2.DepthwiseConv(*case, implementation=implementation)
-        loss = lambda k, conv=conv: jnp.sum(jnp.sin(conv.apply({"params": {"kernel": k}}, x)))
-        out[implementation, i] = jax.value_and_grad(loss)(kernel)
+        loss = lambda k, x, conv=conv: jnp.sum(jnp.sin(conv.apply({"params": {"kernel": k}}, x)))
+        out[implementation, i] = jax.value_and_grad(loss, argnums=(0, 1))(kernel, x)
     return out
 
-  out = values_and_grads(kernels)
+  out = values_and_grads(kernels, x)
   for i, case in enumerate(cases):
-    (taps_value, taps_grad), (xla_value, xla_grad) = out["taps", i], out["xla", i]
+    (taps_value, taps_grads), (xla_value, xla_grads) = out["taps", i], out["xla", i]
     np.testing.assert_allclose(taps_value, xla_value, rtol=1e-5, atol=1e-4, err_msg=str(case))
-    np.testing.assert_allclose(taps_grad, xla_grad, rtol=1e-4, atol=1e-5, err_msg=str(case))
-    assert np.max(np.abs(taps_grad)) > 0.1
+    for taps_grad, xla_grad in zip(taps_grads, xla_grads):
+      np.testing.assert_allclose(taps_grad, xla_grad, rtol=1e-4, atol=1e-5, err_msg=str(case))
+      assert np.max(np.abs(taps_grad)) > 0.1
 
 
 @pytest.mark.parametrize(

@@ -99,6 +99,28 @@ ENTRY %main (x: f32[2,8,8,8], k: f32[3,3,8,16]) -> f32[16] {
   assert ops["sum_fusion"]["kind"] == "fusion: custom"
 
 
+def test_time_by_module_sums_every_block_and_tells_the_direction():
+  fwd = "jit(train_step)/jvp(Segmenter)/Segmenter.encode/backbone/block_3/depthwise_conv/mul"
+  bwd = (
+    "jit(train_step)/transpose(jvp(Segmenter))/Segmenter.encode/backbone/block_7/depthwise_conv/pad"
+  )
+  assert op_profile.layer_of(fwd) == "depthwise_conv (forward)"
+  assert op_profile.layer_of(bwd) == "depthwise_conv (backward)"
+  assert op_profile.layer_of("jit(f)/jvp(f)/mul") == "(no module) (forward)"
+  ops = {
+    "a": {"op_name": fwd},
+    "b": {"op_name": fwd.replace("block_3", "block_4")},
+    "c": {"op_name": bwd},
+    "d": {"op_name": fwd.replace("depthwise_conv", "project_bn")},
+  }
+  layers = op_profile.per_layer({"a": 1.0, "b": 2.0, "c": 4.0, "d": 8.0}, ops)
+  assert layers == {
+    "depthwise_conv (forward)": 3.0,
+    "depthwise_conv (backward)": 4.0,
+    "project_bn (forward)": 8.0,
+  }
+
+
 def test_env_b_sets_variables_for_the_block_and_restores_them(monkeypatch):
   monkeypatch.setenv("S4JAX_TEST_KEPT", "before")
   monkeypatch.delenv("S4JAX_TEST_NEW", raising=False)
