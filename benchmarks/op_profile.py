@@ -16,9 +16,8 @@ sums the time per kind:
 
 the same time per Flax module (`layer_of`: the innermost module of each op's JAX
 operation, forward or backward), and the slowest single ops with the JAX operation that
-made them. Times are summed over
-the runtime's threads: on 2 cores two independent ops can run at once, so the sum can
-exceed the step's wall time.
+made them. Times are summed over the runtime's threads: on 2 cores two independent ops can
+run at once, so the sum can exceed the step's wall time.
 """
 
 import collections
@@ -161,9 +160,13 @@ def profile(step, hlo_text: str, steps: int):
   return per_kind, per_op, ops
 
 
+def _without_jit(op_name: str) -> str:
+  return re.sub(r"jit\([\w]+\)/", "", op_name)
+
+
 def _short(op_name: str, width: int = 70) -> str:
   # Drop the jit(...) wrappers; keep the tail, which names the operation and its transform.
-  op_name = re.sub(r"jit\([\w]+\)/", "", op_name)
+  op_name = _without_jit(op_name)
   return op_name if len(op_name) <= width else "..." + op_name[-(width - 3) :]
 
 
@@ -172,7 +175,7 @@ def layer_of(op_name: str) -> str:
   ``"jvp(Segmenter)/Segmenter.encode/backbone/block_3/depthwise_conv/mul"`` ->
   ``"depthwise_conv (forward)"``. Ops of every block share the module's name, so the
   table below sums, e.g., all depthwise convolutions together."""
-  parts = re.sub(r"jit\([\w]+\)/", "", op_name).split("/")[:-1]  # the last is the primitive
+  parts = _without_jit(op_name).split("/")[:-1]  # the last part is the primitive
   modules = [p for p in parts if p and "(" not in p and "." not in p]
   direction = "backward" if "transpose(" in op_name else "forward"
   return f"{modules[-1] if modules else '(no module)'} ({direction})"

@@ -43,6 +43,7 @@ import op_profile  # benchmarks/, beside this script
 
 from s4jax import compilation_cache
 from s4jax import config_schema
+from s4jax import errors
 from s4jax import methods
 from s4jax import optim
 from s4jax import sharding
@@ -226,7 +227,10 @@ def environment(assignments):
 def main(argv):
   del argv
   config = _CONFIG.value
-  cache_dir = compilation_cache.enable(_COMPILATION_CACHE.value)
+  try:
+    cache_dir = compilation_cache.enable(_COMPILATION_CACHE.value)
+  except errors.ConfigError as e:
+    raise app.UsageError(str(e)) from None
   if cache_dir:
     print(f"compilation cache {cache_dir}")
   mesh = sharding.make_mesh()

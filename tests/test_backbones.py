@@ -656,9 +656,8 @@ def test_output_stride_and_backbone_are_validated():
 
 
 def test_depthwise_taps_equal_the_grouped_convolution():
-  # CPU runs the tap sum, accelerators XLA's grouped
-  # convolution: they must agree (values, input and kernel gradients) with strides, dilation
-  # and both paddings, on uneven sizes.
+  # CPU runs the tap sum, accelerators XLA's grouped convolution: they must agree (values,
+  # input and kernel gradients) with strides, dilation and both paddings, on uneven sizes.
   x = jax.random.normal(jax.random.key(0), (2, 9, 8, 6))
   cases = (
     (3, 2, 1, True),
