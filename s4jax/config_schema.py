@@ -25,6 +25,7 @@ SUPERVISED_LOSSES = ("ce", "ohem")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 EVAL_MODES = ("whole", "sliding")
 OPTIMIZERS = ("sgd", "adamw")
+FP_BATCH_NORM = ("joint", "separate")  # semi.fp_batch_norm
 METHODS = methods.NAMES  # the one list, s4jax/methods/__init__.py
 TEACHER_SOURCES = ("ema", "student")
 BEST_METRICS = ("eval/teacher_miou", "eval/student_miou")
@@ -162,6 +163,11 @@ def default_config() -> ml_collections.ConfigDict:
   # unlabelled copies (less decoder work; the decoder's batch statistics then see no
   # perturbed labelled features).
   c.semi.fp_on_labelled = True
+  # Which BatchNorm statistics the decoder uses for the feature-perturbed copies: "joint" (the
+  # reference: one decoder batch of clean and perturbed rows) or "separate" (our deviation:
+  # the perturbed rows are decoded on their own statistics, not recorded; the clean rows and
+  # the running statistics see clean features only). docs/methods.md, BatchNorm grouping.
+  c.semi.fp_batch_norm = "joint"
 
   # Device-side strong augmentation of unlabelled images (docs/methods.md §0).
   c.augment = ml_collections.ConfigDict()
@@ -373,6 +379,12 @@ def validate(
     "semi.fp_dropout",
     config.semi.fp_dropout,
     "a rate in [0, 1)",
+  )
+  _require(
+    config.semi.fp_batch_norm in FP_BATCH_NORM,
+    "semi.fp_batch_norm",
+    config.semi.fp_batch_norm,
+    f"one of {FP_BATCH_NORM}",
   )
   ub = config.unlabelled_batch_size
   _require(

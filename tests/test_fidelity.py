@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from s4jax import augment
+from s4jax import config_schema
+from s4jax import errors
 from s4jax import sharding
 from s4jax import state as state_lib
 from s4jax import methods
@@ -18,6 +20,7 @@ from s4jax.methods import base as method_base
 from s4jax import optim
 from s4jax.data import pipeline
 from s4jax.losses import consistency
+from s4jax.losses import supervised as supervised_losses
 from s4jax.models import segmenter
 from tiny import tiny_config
 
@@ -256,3 +259,87 @@ def test_unimatch_v2_complementary_dropout():
     assert set(np.unique(m)) <= {0.0, 2.0}
     np.testing.assert_array_equal(out_b[i], 2.0 - out_a[i])  # the complementary mask
     assert 0 < (m == 0).sum() < 16  # channels split between the two views
+
+
+@pytest.mark.parametrize(
+  "fp_batch_norm, fp_on_labelled", [("joint", True), ("separate", True), ("separate", False)]
+)
+def test_unimatch_fp_batch_norm_groups_the_perturbed_copies(
+  tiny_model_and_variables, fp_batch_norm, fp_on_labelled
+):
+  """`semi.fp_batch_norm`: "joint" (the reference) decodes clean and perturbed rows in one
+  BatchNorm batch; "separate" decodes the clean pass alone and the perturbed copies on their
+  own statistics, without recording them. Checked against the passes written out by hand."""
+  config = tiny_config(
+    method="unimatch",
+    **{
+      "teacher.source": "student",
+      "semi.threshold": 0.0,
+      "semi.fp_batch_norm": fp_batch_norm,
+      "semi.fp_on_labelled": fp_on_labelled,
+    },
+  )
+  _, model, variables = tiny_model_and_variables
+  rng = np.random.default_rng(1)
+  x_l = jnp.asarray(rng.normal(size=(2, 32, 32, 3)), jnp.float32)
+  y_l = jnp.asarray(rng.integers(0, NUM_CLASSES, (2, 32, 32)), jnp.uint8)
+  x_w = jnp.asarray(rng.random((3, 32, 32, 3)), jnp.float32)
+  valid = jnp.ones((3, 32, 32))
+  u = method_base.Unlabelled(
+    weak=x_w,
+    valid=valid,
+    views=tuple(
+      method_base.strong_views(k, x_w, valid, config) for k in jax.random.split(jax.random.key(3))
+    ),
+    teacher_logits=None,
+  )
+  fp_key = jax.random.key(7)
+  passes = method_base.StudentPasses(
+    model, variables["params"], variables["batch_stats"], jax.random.key(1)
+  )
+  result = methods.get("unimatch").run(passes, x_l, y_l, u, {"fp": fp_key}, config)
+
+  def train_apply(stats, *args, **kwargs):
+    out, mutated = model.apply(
+      {"params": variables["params"], "batch_stats": stats},
+      *args,
+      train=True,
+      mutable=["batch_stats"],
+      **kwargs,
+    )
+    return out, mutated["batch_stats"]
+
+  clean, stats = train_apply(variables["batch_stats"], jnp.concatenate([x_l, x_w]))
+  fp_from = 0 if fp_on_labelled else 2
+  k_low, k_high = jax.random.split(fp_key)
+  low_fp = method_base.channel_dropout(k_low, clean["low"][fp_from:], 0.5)
+  high_fp = method_base.channel_dropout(k_high, clean["high"][fp_from:], 0.5)
+  fp, _ = train_apply(stats, low_fp, high_fp, method=model.decode)
+  fp_logits = segmenter.upsample_logits(fp["logits"], (32, 32))[2 - fp_from :]
+  views = jnp.concatenate([v.image for v in result.views])
+  _, stats = train_apply(stats, views)
+
+  separate_sup = supervised_losses.labelled_loss(clean["logits"][:2], y_l, config.losses)
+  separate_fp = consistency.pseudo_label_loss(
+    fp_logits, result.targets.pseudo, result.targets.confidence, u.valid, 0.0
+  )
+  leaves = jax.tree_util.tree_leaves
+  if fp_batch_norm == "separate":
+    pseudo, _ = consistency.pseudo_labels(clean["logits"][2:])
+    np.testing.assert_array_equal(result.targets.pseudo, pseudo)
+    np.testing.assert_allclose(result.losses["loss_sup"], separate_sup, rtol=1e-5)
+    np.testing.assert_allclose(result.losses["loss_fp"], separate_fp, rtol=1e-5)
+    for got, want in zip(leaves(passes.batch_stats), leaves(stats)):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  else:  # the perturbed rows shift the clean rows' normalisation and the running statistics
+    assert abs(float(result.losses["loss_sup"]) - float(separate_sup)) > 1e-4
+    assert any(
+      not np.allclose(got, want, rtol=1e-5, atol=1e-6)
+      for got, want in zip(leaves(passes.batch_stats), leaves(stats))
+    )
+
+
+def test_bad_fp_batch_norm_names_the_key():
+  config = tiny_config(**{"semi.fp_batch_norm": "shared"})
+  with pytest.raises(errors.ConfigError, match=r"config\.semi\.fp_batch_norm='shared'"):
+    config_schema.validate(config)

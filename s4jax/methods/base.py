@@ -96,7 +96,10 @@ class StudentPasses:
     self.dropout_key = dropout_key
     self.count = 0
 
-  def __call__(self, images, fn=None):
+  def __call__(self, images, fn=None, record_statistics=True):
+    """A train-mode pass of `images` (or of whatever `fn(module, images, train)` takes).
+    `record_statistics=False`: BatchNorm still normalises with the statistics of this pass's
+    own batch, but the running statistics are left as they were."""
     key = jax.random.fold_in(self.dropout_key, self.count)
     self.count += 1
     out, mutated = self.model.apply(
@@ -107,7 +110,8 @@ class StudentPasses:
       method=fn,
       rngs={"dropout": key},
     )
-    self.batch_stats = mutated["batch_stats"]
+    if record_statistics:
+      self.batch_stats = mutated["batch_stats"]
     return out
 
 

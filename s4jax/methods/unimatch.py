@@ -22,25 +22,44 @@ def run(passes, x_l, y_l, u, keys, config):
   # The reference decodes perturbed copies of the labelled rows too and discards them; they
   # only enter the decoder's BatchNorm statistics. `semi.fp_on_labelled=False` skips them.
   fp_from = 0 if semi.fp_on_labelled else n_l
+  images1 = jnp.concatenate([x_l, u.weak])
 
-  def encode_decode_fp(module, images, train):
-    low, high = module.encode(images, train=train)
+  def perturbed(low, high):
     k_low, k_high = jax.random.split(keys["fp"])
-    low_fp = base.channel_dropout(k_low, low[fp_from:], semi.fp_dropout)
-    high_fp = base.channel_dropout(k_high, high[fp_from:], semi.fp_dropout)
-    return base.decoded(
-      module,
-      images,
-      low,
-      high,
-      jnp.concatenate([low, low_fp]),
-      jnp.concatenate([high, high_fp]),
-      train,
+    return (
+      base.channel_dropout(k_low, low[fp_from:], semi.fp_dropout),
+      base.channel_dropout(k_high, high[fp_from:], semi.fp_dropout),
     )
 
-  out1 = passes(jnp.concatenate([x_l, u.weak]), encode_decode_fp)
+  if semi.fp_batch_norm == "joint":
+    # The reference: clean and perturbed rows share one decoder batch, so the decoder's
+    # BatchNorm normalises the clean rows with statistics that include the perturbed ones.
+    def encode_decode_fp(module, images, train):
+      low, high = module.encode(images, train=train)
+      low_fp, high_fp = perturbed(low, high)
+      return base.decoded(
+        module,
+        images,
+        low,
+        high,
+        jnp.concatenate([low, low_fp]),
+        jnp.concatenate([high, high_fp]),
+        train,
+      )
+
+    out1 = passes(images1, encode_decode_fp)
+    logits_fp = out1["logits"][n_l + n_u + n_l - fp_from :]
+  else:  # "separate" (docs/methods.md, BatchNorm grouping): the clean pass is a plain one
+    out1 = passes(images1)
+
+    def decode(module, features, train):
+      return base.decoded(module, images1, *features, *features, train)
+
+    # The perturbed copies are decoded on their own batch statistics, which are not recorded:
+    # the running statistics stay those of clean features (what evaluation sees).
+    out_fp = passes(perturbed(out1["low"], out1["high"]), decode, record_statistics=False)
+    logits_fp = out_fp["logits"][n_l - fp_from :]
   n_1 = n_l + n_u
-  logits_fp = out1["logits"][n_1 + n_l - fp_from :]
   targets = u.targets_from(out1["logits"], n_l)
   s1, s2 = u.labelled_views(targets)
   out2 = passes(jnp.concatenate([s1.image, s2.image]))
