@@ -18,6 +18,7 @@ from s4jax.methods import base
 def run(passes, x_l, y_l, u, keys, config):
   semi = config.semi
   n_l, n_u = x_l.shape[0], u.weak.shape[0]
+  n_1 = n_l + n_u
 
   # The reference decodes perturbed copies of the labelled rows too and discards them; they
   # only enter the decoder's BatchNorm statistics. `semi.fp_on_labelled=False` skips them.
@@ -48,7 +49,7 @@ def run(passes, x_l, y_l, u, keys, config):
       )
 
     out1 = passes(images1, encode_decode_fp)
-    logits_fp = out1["logits"][n_l + n_u + n_l - fp_from :]
+    logits_fp = out1["logits"][n_1 + n_l - fp_from :]
   else:  # "separate" (docs/methods.md, BatchNorm grouping): the clean pass is a plain one
     out1 = passes(images1)
 
@@ -59,7 +60,6 @@ def run(passes, x_l, y_l, u, keys, config):
     # the running statistics stay those of clean features (what evaluation sees).
     out_fp = passes(perturbed(out1["low"], out1["high"]), decode, record_statistics=False)
     logits_fp = out_fp["logits"][n_l - fp_from :]
-  n_1 = n_l + n_u
   targets = u.targets_from(out1["logits"], n_l)
   s1, s2 = u.labelled_views(targets)
   out2 = passes(jnp.concatenate([s1.image, s2.image]))
