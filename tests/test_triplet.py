@@ -384,6 +384,23 @@ def test_tuning_mode_trains_on_the_triplet_loss_alone(tiny):
   assert moved(init.params["decoder"], final.params["decoder"]) == 0
 
 
+def test_a_train_mode_head_keeps_the_networks_running_statistics(tiny):
+  # The triplet head runs in train mode (its BatchNorm records statistics). The step must
+  # keep the base passes' update of the backbone's and decoder's running statistics too: a
+  # head once merged the whole collection as it was before the step over them, so the
+  # network's statistics never left their initial values and evaluation collapsed.
+  _, _, init, final, _ = tiny
+  assert set(final.batch_stats) == set(init.batch_stats) >= {"backbone", "decoder", "head_triplet"}
+  for part in ("backbone", "decoder", "head_triplet"):
+    before = jax.tree_util.tree_flatten_with_path(init.batch_stats[part])[0]
+    after = jax.tree.leaves(final.batch_stats[part])
+    for (path, a), b in zip(before, after):
+      assert float(np.abs(np.asarray(a) - np.asarray(b)).max()) > 0, (
+        part,
+        jax.tree_util.keystr(path),
+      )
+
+
 def test_tuned_backbone_file_starts_the_segmentation_stage(tiny, tmp_path):
   _, _, init, final, _ = tiny
   # What export_backbone writes (its own tests cover reading a checkpoint) and what

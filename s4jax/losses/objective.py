@@ -32,6 +32,7 @@ import ml_collections
 
 from s4jax.losses import supervised
 from s4jax.methods import base
+from s4jax.models import heads as heads_lib
 
 
 # A strong view as the base method saw it (defined with the methods, re-exported here for
@@ -145,7 +146,12 @@ class StepContext:
     out, mutated = self.model.apply(
       variables, name, features, size, True, method="head", mutable=["batch_stats"], rngs=rngs
     )
-    self.head_batch_stats.update(mutated.get("batch_stats", {}))
+    # `mutated` holds the whole batch_stats collection: the network's entries as they were
+    # before this step's passes. Keep the head's own; merging the rest would undo the base
+    # passes' running-statistics update of the backbone and decoder.
+    own = heads_lib.module_name(name)
+    if own in mutated.get("batch_stats", {}):
+      self.head_batch_stats[own] = mutated["batch_stats"][own]
     return out
 
   def reconstruct(self, features, head: str) -> jax.Array:

@@ -229,9 +229,14 @@ HEAD_KINDS = (
 )
 
 
+def module_name(head: str) -> str:
+  """The variable-collection key of auxiliary head `head`: `params["head_<name>"]`."""
+  return f"head_{head}"
+
+
 def build_head(spec: HeadSpec, decoder_channels: int, dtype, num_classes: int = 0) -> nn.Module:
   """The module for `spec` (named `head_<name>`)."""
-  name = f"head_{spec.name}"
+  name = module_name(spec.name)
   if spec.kind == "rgb":
     # Half the decoder's width by default: light next to the decoder.
     return ReconstructionHead(
