@@ -21,6 +21,7 @@ from s4jax import train
 from s4jax import workdir as workdir_lib
 from s4jax.errors import UserInputError
 from s4jax.models import convert
+from s4jax.models import names
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the trained run.", required=True)
 _OUT = flags.DEFINE_string("out", None, "The .npz file to write.", required=True)
@@ -54,9 +55,13 @@ def export(workdir: str, out: str, *, which: str = "latest", weights: str = "tea
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   np.savez(out, **arrays)
   step = int(jax.device_get(state.step))
+  # model.width sets only the ResNets' channels; the ImageNet backbones have fixed widths
+  described = config.model.backbone
+  if described in names.RESNETS:
+    described += f", width {config.model.width}"
   print(
-    f"wrote {out}: the {weights} backbone ({config.model.backbone}, width "
-    f"{config.model.width}) of {workdir} at step {step}, {len(arrays)} arrays"
+    f"wrote {out}: the {weights} backbone ({described}) of {workdir} at step {step}, "
+    f"{len(arrays)} arrays"
   )
   return arrays
 

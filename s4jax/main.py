@@ -2,6 +2,9 @@
 
   python -m s4jax.main --config=configs/shapes_supervised.py --workdir=runs/demo
   python -m s4jax.main --config=configs/shapes_supervised.py --workdir=runs/demo --mode=eval
+  python -m s4jax.main --workdir=runs/demo --mode=eval    # the run's recorded config
+  python -m s4jax.main --config=configs/recorded.py:runs/demo --workdir=runs/demo --mode=eval \
+      --config.eval.mode=sliding                           # ... with evaluation overrides
 
 Any config value can be overridden: `--config.total_steps=200 --config.model.backbone=resnet50`.
 Bad input (config values, workdir conflicts, data, checkpoints) ends with one message on
@@ -23,12 +26,15 @@ from s4jax import compilation_cache
 from s4jax import errors
 from s4jax import logs
 from s4jax import train
+from s4jax import workdir as workdir_lib
 from s4jax.models import conv_ops
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
   None,
-  "Path to a config file in configs/ (python file with get_config()).",
+  "Path to a config file in configs/ (python file with get_config()); "
+  "configs/recorded.py:WORKDIR is the config a run recorded (for --mode=eval or resuming "
+  "without repeating its overrides). --mode=eval without --config uses it too.",
   lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and images.")
@@ -129,12 +135,24 @@ def main(argv):
     config = _CONFIG.value
     if config is not None:
       config.to_dict()
+  except errors.UserInputError as e:  # e.g. configs/recorded.py without a workdir
+    _fail(str(e))
   except Exception as e:  # pylint: disable=broad-except
     _fail_config(e, sys.argv)
-  if config is None:
-    _fail("--config is required, e.g. --config=configs/shapes_supervised.py")
   if not _WORKDIR.value:
     _fail("--workdir is required, e.g. --workdir=runs/demo")
+  if config is None and _MODE.value == "eval":
+    # Evaluation of a run as it was trained: its own recorded config (overrides need
+    # --config=configs/recorded.py:WORKDIR, which takes them).
+    try:
+      config = workdir_lib.recorded_config(_WORKDIR.value)
+    except errors.UserInputError as e:
+      _fail(f"{e} Give the run's workdir, or its --config.")
+  if config is None:
+    _fail(
+      "--config is required, e.g. --config=configs/shapes_supervised.py (or, to continue "
+      "a run with its own recorded config, --config=configs/recorded.py:WORKDIR)"
+    )
   if _MODE.value == "eval" and _OVERWRITE.value:
     _fail(
       "--overwrite does nothing with --mode=eval (evaluation never changes the run); leave it out."
@@ -193,6 +211,8 @@ def _parse_flags(argv):
     return flags.FLAGS(argv)
   except flags.Error as e:
     _fail(f"{e}")
+  except errors.UserInputError as e:  # raised by a config file (configs/recorded.py)
+    _fail(str(e))
   except Exception as e:  # pylint: disable=broad-except
     _fail_config(e, argv)
 

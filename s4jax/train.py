@@ -672,9 +672,10 @@ def evaluate_only(config, workdir: str, *, which="best") -> dict:
   step = int(jax.device_get(state.step))
   what = f"the {which} checkpoint" if which in ("best", "latest") else "the checkpoint"
   logging.info(
-    "eval of %s (step %d): student mIoU %.2f, teacher mIoU %.2f",
+    "eval of %s (step %d) on %d validation images: student mIoU %.2f, teacher mIoU %.2f",
     what,
     step,
+    len(run.data.val_source),
     100 * results["eval/student_miou"],
     100 * results["eval/teacher_miou"],
   )

@@ -73,6 +73,39 @@ def test_cli_trains_evaluates_and_resumes(tmp_path):
   assert "eval of the best checkpoint (step 2)" in evaluated.stderr
   assert os.stat(record).st_mtime_ns == stamp
   assert sorted(os.listdir(workdir)) == listing
+  # ... and without repeating the run's overrides: its recorded config, with or without
+  # evaluation overrides on top (a non-evaluation one is still refused)
+  recorded = f"--config=configs/recorded.py:{workdir}"
+  for args, validated in (
+    ([], 8),
+    ([recorded, "--config.data.num_val=4", "--which=latest"], 4),
+  ):
+    again = _cli(f"--workdir={workdir}", "--mode=eval", *args, f"--compilation_cache={cache}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "eval of the" in again.stderr and f"on {validated} validation images" in again.stderr, again.stderr
+  refused = _cli(recorded, f"--workdir={workdir}", "--mode=eval", "--config.seed=5")
+  assert refused.returncode == 2 and "seed" in refused.stderr, refused.stderr[-2000:]
+  assert "Traceback" not in refused.stderr
+  assert os.stat(record).st_mtime_ns == stamp
+  assert sorted(os.listdir(workdir)) == listing
+
+
+@pytest.mark.parametrize(
+  "args, message",
+  [
+    (["--config=configs/recorded.py"], "configs/recorded.py needs the run's workdir"),
+    (["--config=configs/recorded.py:{empty}"], "is not the directory of a training run"),
+    (["--mode=eval"], "is not the directory of a training run"),
+    ([], "--config is required"),
+  ],
+)
+def test_recorded_config_misuse_gives_one_message(tmp_path, args, message):
+  args = [a.format(empty=tmp_path) for a in args]
+  done = _cli(*args, f"--workdir={tmp_path}")
+  assert done.returncode == 2, done.stderr[-2000:]
+  assert done.stderr.strip().splitlines() == [done.stderr.strip()]  # one line
+  assert message in done.stderr and "Traceback" not in done.stderr
+  assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize(
@@ -136,7 +169,7 @@ def test_bad_run_arguments_give_one_message(tmp_path, args, message):
   assert a_file.read_text() == "mine" and not (tmp_path / "run").exists()
 
 
-def test_loading_every_config_file_imports_no_jax():
+def test_loading_every_config_file_imports_no_jax(tmp_path):
   """Config files (and their objective blocks) load without JAX or Flax, e.g. on a login
   node that checks a sweep's configs."""
   code = (
@@ -145,12 +178,22 @@ def test_loading_every_config_file_imports_no_jax():
     "for path in sorted(glob.glob('configs/*.py')):\n"
     "  spec = importlib.util.spec_from_file_location('cfg', path)\n"
     "  module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
-    "  config = module.get_config()\n"
+    "  # recorded.py reads a run's config.json (here a run with one override)\n"
+    "  config = module.get_config(*(['REC'] if path.endswith('recorded.py') else []))\n"
     "  assert all(name in config.losses for name in registry.BUILT_IN), path\n"
     "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'optax'))\n"
     "print('HEAVY', heavy)\n"
   )
+  record = tmp_path / "config.json"
+  record.write_text(json.dumps({"seed": 3}))
+  code = code.replace("REC", str(tmp_path)) + (
+    "spec = importlib.util.spec_from_file_location('rec', 'configs/recorded.py')\n"
+    "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)\n"
+    "print('SEED', module.get_config(sys.argv[1]).seed)\n"
+  )
   out = subprocess.run(
-    [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    [sys.executable, "-c", code, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+    check=True,
   ).stdout
   assert "HEAVY []" in out, out
+  assert "SEED 3" in out, out

@@ -154,7 +154,7 @@ def test_flax_to_torch_inverts_the_torch_mapping(deep_stem):
     np.testing.assert_array_equal(got[name], value, err_msg=name)
 
 
-def test_exported_backbone_starts_another_run(tmp_path):
+def test_exported_backbone_starts_another_run(tmp_path, capsys):
   from s4jax import export_backbone  # pylint: disable=g-import-not-at-top
   from s4jax.errors import UserInputError  # pylint: disable=g-import-not-at-top
 
@@ -170,6 +170,9 @@ def test_exported_backbone_starts_another_run(tmp_path):
   run.writer.close()
   teacher, student = str(tmp_path / "teacher.npz"), str(tmp_path / "student.npz")
   export_backbone.export(workdir, teacher)
+  config = tiny_config()
+  described = f"the teacher backbone ({config.model.backbone}, width {config.model.width})"
+  assert described in capsys.readouterr().out
   export_backbone.export(workdir, student, weights="student")
   with pytest.raises(UserInputError, match="teacher.npz.* exists"):
     export_backbone.export(workdir, teacher)
