@@ -25,6 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from s4jax import logs
 from s4jax import viz
 from s4jax import workdir as workdir_lib
 from s4jax.errors import ConfigError, DataError, UserInputError
@@ -315,6 +316,7 @@ def run():
   values = _define_flags()
 
   def main(argv):
+    logs.set_up_console()
     if len(argv) > 1:
       _fail(f"unexpected arguments {argv[1:]}; use --flag=value.")
     for name in ("workdir", "out"):

@@ -17,6 +17,7 @@ from absl import flags
 import jax
 import numpy as np
 
+from s4jax import logs
 from s4jax import train
 from s4jax import workdir as workdir_lib
 from s4jax.errors import UserInputError
@@ -68,6 +69,7 @@ def export(workdir: str, out: str, *, which: str = "latest", weights: str = "tea
 
 def main(argv):
   del argv
+  logs.set_up_console()
   try:
     export(_WORKDIR.value, _OUT.value, which=_WHICH.value, weights=_WEIGHTS.value)
   except UserInputError as e:

@@ -35,6 +35,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+from absl import logging as absl_logging
 from PIL import Image
 
 METRICS_FILENAME = "metrics.jsonl"
@@ -423,3 +424,36 @@ class ConsoleFormatter(logging.Formatter):
     if record.exc_info:
       text += "\n" + self.formatException(record.exc_info)
     return text
+
+
+# Library loggers whose routine records are not for the person at the console: jax's
+# "Unable to initialize backend 'tpu'" on every CPU/GPU start, and tensorboardX's warning for
+# every NaN scalar (the IoU of a class absent from a validation set).
+_QUIET_LOGGERS = {
+  "jax._src.xla_bridge": logging.WARNING,
+  "tensorboardX.x2num": logging.ERROR,
+}
+
+
+class _LibraryInfoFilter(logging.Filter):
+  """Drops INFO records of orbax and grain: a dozen lines per checkpoint drown the progress
+  (and export_backbone's one line of output)."""
+
+  _QUIET = (f"{os.sep}orbax{os.sep}", f"{os.sep}grain{os.sep}")
+
+  def filter(self, record):
+    if record.levelno <= logging.INFO and any(q in record.pathname for q in self._QUIET):
+      return False
+    return True
+
+
+def set_up_console() -> None:
+  """INFO and above on stderr as `HH:MM:SS message`, without the libraries' routine records.
+  Every command-line entry point (main, predict, export, export_backbone) calls it first."""
+  for name, level in _QUIET_LOGGERS.items():
+    logging.getLogger(name).setLevel(level)
+  absl_logging.set_verbosity(absl_logging.INFO)
+  handler = absl_logging.get_absl_handler()
+  if not any(isinstance(f, _LibraryInfoFilter) for f in handler.filters):
+    handler.addFilter(_LibraryInfoFilter())
+  handler.setFormatter(ConsoleFormatter())

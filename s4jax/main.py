@@ -12,14 +12,11 @@ stderr and exit status 2, not a traceback. SIGTERM or Ctrl-C saves the current s
 with 143 or 130 (128 + the signal); the same command then continues.
 """
 
-import logging as logging_lib
-import os
 import sys
 
 import jax
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from s4jax import compilation_cache
@@ -79,39 +76,10 @@ _COMPILATION_CACHE = flags.DEFINE_string(
   "for XLA:CPU with several devices).",
 )
 
-# Library loggers whose routine records are not for the person at the console: jax's
-# "Unable to initialize backend 'tpu'" on every CPU/GPU start, and tensorboardX's warning for
-# every NaN scalar (the IoU of a class absent from a validation set).
-_QUIET_LOGGERS = {
-  "jax._src.xla_bridge": logging_lib.WARNING,
-  "tensorboardX.x2num": logging_lib.ERROR,
-}
-
-
-class _LibraryInfoFilter(logging_lib.Filter):
-  """Drops INFO records of orbax and grain: a dozen lines per checkpoint drown the progress."""
-
-  _QUIET = (f"{os.sep}orbax{os.sep}", f"{os.sep}grain{os.sep}")
-
-  def filter(self, record):
-    if record.levelno <= logging_lib.INFO and any(q in record.pathname for q in self._QUIET):
-      return False
-    return True
-
 
 def _fail(message: str) -> None:
   print(f"s4jax: error: {message}", file=sys.stderr)
   sys.exit(2)
-
-
-def _set_up_console() -> None:
-  """INFO and above on stderr as `HH:MM:SS message`, without the libraries' routine records."""
-  for name, level in _QUIET_LOGGERS.items():
-    logging_lib.getLogger(name).setLevel(level)
-  logging.set_verbosity(logging.INFO)
-  handler = logging.get_absl_handler()
-  handler.addFilter(_LibraryInfoFilter())
-  handler.setFormatter(logs.ConsoleFormatter())
 
 
 def _which(text: str):
@@ -168,7 +136,7 @@ def main(argv):
       "integer >= 1; the run saves there), or leave it out."
     )
   which = _which(_WHICH.value)
-  _set_up_console()
+  logs.set_up_console()
   if _DISTRIBUTED.value or _COORDINATOR.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value)
   try:

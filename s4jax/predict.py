@@ -34,6 +34,7 @@ from s4jax import augment
 from s4jax import config_schema
 from s4jax import evaluate
 from s4jax import export as export_lib
+from s4jax import logs
 from s4jax import step as step_lib
 from s4jax import viz
 from s4jax.data import files
@@ -385,6 +386,7 @@ def run():
   values = _define_flags()
 
   def main(argv):
+    logs.set_up_console()
     if len(argv) > 1:
       _fail(f"unexpected arguments {argv[1:]}; use --flag=value.")
     if not values["input"].value:

@@ -82,7 +82,9 @@ def test_cli_trains_evaluates_and_resumes(tmp_path):
   ):
     again = _cli(f"--workdir={workdir}", "--mode=eval", *args, f"--compilation_cache={cache}")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "eval of the" in again.stderr and f"on {validated} validation images" in again.stderr, again.stderr
+    assert "eval of the" in again.stderr and f"on {validated} validation images" in again.stderr, (
+      again.stderr
+    )
   refused = _cli(recorded, f"--workdir={workdir}", "--mode=eval", "--config.seed=5")
   assert refused.returncode == 2 and "seed" in refused.stderr, refused.stderr[-2000:]
   assert "Traceback" not in refused.stderr
@@ -192,7 +194,10 @@ def test_loading_every_config_file_imports_no_jax(tmp_path):
     "print('SEED', module.get_config(sys.argv[1]).seed)\n"
   )
   out = subprocess.run(
-    [sys.executable, "-c", code, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+    [sys.executable, "-c", code, str(tmp_path)],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
     check=True,
   ).stdout
   assert "HEAVY []" in out, out

@@ -164,6 +164,30 @@ def test_exported_file_predicts_the_same_masks(trained, tmp_path):
     )
 
 
+def test_export_backbone_command_prints_one_line_without_library_records(trained, tmp_path):
+  # Restoring a checkpoint makes orbax log a dozen INFO records (and jax one about the TPU
+  # backend); the command-line tools filter them as main does, so the user sees the result.
+  out = str(tmp_path / "backbone.npz")
+  done = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "s4jax.export_backbone",
+      f"--workdir={trained['workdir']}",
+      f"--out={out}",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=REPO,
+    env=_cli_env(),
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.startswith(f"wrote {out}: the teacher backbone") and os.path.exists(out)
+  for noise in ("orbax", "checkpoint_manager", "Unable to initialize backend"):
+    assert noise not in done.stderr, done.stderr[-3000:]
+
+
 def test_bad_inputs_are_one_clear_message(trained, tmp_path):
   workdir, images = trained["workdir"], trained["images"]
   out = str(tmp_path / "out")
